@@ -1,0 +1,827 @@
+//! The daemon's HTTP API: JSON under `/api/`, git smart HTTP under
+//! `/git/`, `/healthz`, and `/internal/pre-receive` for the repo hooks.
+//!
+//! Served twice: on `--api` (TCP; every route needs a token, every app
+//! route checks the token's scope) and on DIR/slipway.sock (owner-only;
+//! the socket's file mode is the credential). Long operations answer with
+//! a stream of JSON lines, `{"line": …}` as they go and one final
+//! `{"ok": true|false, …}`, so the CLI and the git hook print progress as
+//! it happens and the operation completes even if the client goes away.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use anyhow::anyhow;
+use axum::body::{Body, Bytes};
+use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::http::{header, request::Parts, HeaderMap, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, delete, get, post};
+use axum::{Extension, Json, Router};
+use base64::Engine;
+use futures_util::StreamExt;
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::watch;
+use tokio_stream::wrappers::{BroadcastStream, UnboundedReceiverStream};
+
+use crate::auth::{self, Principal};
+use crate::git::Quarantine;
+use crate::names::{self, AppName};
+use crate::progress::Progress;
+use crate::release::{self, Actor, RefUpdate};
+use crate::server::{Platform, Push};
+
+static READY: AtomicBool = AtomicBool::new(false);
+
+/// Mark the daemon ready: `/healthz` answers 200 from now on.
+pub fn set_ready() {
+    READY.store(true, Ordering::Release);
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Transport {
+    Local,
+    Tcp,
+}
+
+type Shared = Arc<Platform>;
+
+pub async fn serve_tcp(p: Shared, listener: TcpListener, shutdown: watch::Receiver<bool>) {
+    let app = router(p, Transport::Tcp).into_make_service_with_connect_info::<std::net::SocketAddr>();
+    if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(wait(shutdown)).await {
+        tracing::error!(error = %e, "API server failed");
+    }
+}
+
+pub async fn serve_unix(p: Shared, listener: UnixListener, shutdown: watch::Receiver<bool>) {
+    if let Err(e) = axum::serve(listener, router(p, Transport::Local)).with_graceful_shutdown(wait(shutdown)).await {
+        tracing::error!(error = %e, "API socket failed");
+    }
+}
+
+async fn wait(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|v| *v).await;
+}
+
+fn router(p: Shared, transport: Transport) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/api/apps", get(list_apps).post(create_app))
+        .route("/api/apps/{app}", get(app_info).delete(destroy_app))
+        .route("/api/apps/{app}/config", get(get_config).post(change_config))
+        .route("/api/apps/{app}/releases", get(list_releases))
+        .route("/api/apps/{app}/rollback", post(rollback))
+        .route("/api/apps/{app}/deploy", post(deploy))
+        .route("/api/apps/{app}/ps", get(ps))
+        .route("/api/apps/{app}/scale", post(scale))
+        .route("/api/apps/{app}/restart", post(restart))
+        .route("/api/apps/{app}/start", post(restart))
+        .route("/api/apps/{app}/stop", post(stop))
+        .route("/api/apps/{app}/logs", get(logs))
+        .route("/api/apps/{app}/run", post(run_one_off))
+        .route("/api/apps/{app}/domains", get(list_domains).post(add_domain))
+        .route("/api/apps/{app}/domains/{host}", delete(remove_domain))
+        .route("/api/tokens", get(list_tokens).post(create_token))
+        .route("/api/tokens/{name}", delete(revoke_token))
+        .route("/api/events", get(events))
+        .route("/git/{*path}", any(git_http))
+        .route("/internal/pre-receive", post(pre_receive))
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint") })
+        .layer(Extension(transport))
+        .with_state(p)
+}
+
+// ---- errors and auth ----
+
+/// An error as the client sees it: a status and one line.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
+        ApiError { status, message: message.into() }
+    }
+    fn bad(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, message)
+    }
+}
+
+impl From<anyhow::Error> for ApiError {
+    fn from(e: anyhow::Error) -> ApiError {
+        tracing::error!(error = %format!("{e:#}"), "request failed");
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}"))
+    }
+}
+
+impl From<names::NameError> for ApiError {
+    fn from(e: names::NameError) -> ApiError {
+        ApiError::bad(e.to_string())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(json!({ "error": self.message }))).into_response()
+    }
+}
+
+type ApiResult<T = Response> = Result<T, ApiError>;
+
+/// The caller, authenticated by bearer token (TCP) or by the socket.
+struct Auth(Principal);
+
+impl FromRequestParts<Shared> for Auth {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, p: &Shared) -> Result<Auth, ApiError> {
+        if parts.extensions.get::<Transport>() == Some(&Transport::Local) {
+            return Ok(Auth(Principal::local()));
+        }
+        let token = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim)
+            .ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "missing credentials: set SLIPWAY_TOKEN"))?;
+        lookup_token(p, token)
+            .await?
+            .map(Auth)
+            .ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "invalid or revoked token"))
+    }
+}
+
+async fn lookup_token(p: &Shared, token: &str) -> ApiResult<Option<Principal>> {
+    if token.is_empty() || token.len() > 200 {
+        return Ok(None);
+    }
+    let hash = auth::hash_token(token);
+    let t = p.store.call(move |s| s.token_by_hash(&hash)).await?;
+    Ok(t.map(|t| Principal { name: t.name, scope: t.app }))
+}
+
+impl Auth {
+    fn actor(&self) -> Actor {
+        Actor(self.0.name.clone())
+    }
+    fn admin(&self) -> ApiResult<()> {
+        if self.0.is_admin() {
+            Ok(())
+        } else {
+            Err(ApiError::new(StatusCode::FORBIDDEN, "this token is limited to one app; this needs an admin token"))
+        }
+    }
+    /// Parse the app name, check the caller may touch it, and that it exists.
+    async fn app(&self, p: &Shared, name: &str) -> ApiResult<AppName> {
+        let app = AppName::parse(name)?;
+        if !self.0.may_access(&app) {
+            return Err(ApiError::new(StatusCode::FORBIDDEN, format!("this token may not access app {app}")));
+        }
+        let a = app.clone();
+        if p.store.call(move |s| s.app(&a)).await?.is_none() {
+            return Err(ApiError::new(StatusCode::NOT_FOUND, format!("no app named {app}")));
+        }
+        Ok(app)
+    }
+}
+
+fn parse_body<T: DeserializeOwned>(body: &Bytes) -> ApiResult<T> {
+    if body.len() > 1024 * 1024 {
+        return Err(ApiError::bad("request body larger than 1 MiB"));
+    }
+    serde_json::from_slice(body).map_err(|e| ApiError::bad(format!("invalid request body: {e}")))
+}
+
+/// Run a long operation in its own task and stream its progress.
+fn operation<F, Fut>(f: F) -> Response
+where
+    F: FnOnce(Progress) -> Fut + Send + 'static,
+    Fut: Future<Output = anyhow::Result<Value>> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<Value>();
+    tokio::spawn(async move {
+        let result = f(Progress::new(tx)).await;
+        let last = match result {
+            Ok(v) => json!({ "ok": true, "result": v }),
+            Err(e) => json!({ "ok": false, "error": format!("{e:#}") }),
+        };
+        let _ = done_tx.send(last);
+    });
+    let lines = UnboundedReceiverStream::new(rx).map(|l| json!({ "line": l }));
+    let last = futures_util::stream::once(async move {
+        done_rx.await.unwrap_or_else(|_| json!({ "ok": false, "error": "operation aborted" }))
+    });
+    let body = lines.chain(last).map(|v| Ok::<_, std::convert::Infallible>(format!("{v}\n")));
+    Response::builder()
+        .header(header::CONTENT_TYPE, "application/x-ndjson")
+        .body(Body::from_stream(body))
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+// ---- handlers ----
+
+async fn healthz() -> Response {
+    if READY.load(Ordering::Acquire) {
+        (StatusCode::OK, "ok\n").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "starting\n").into_response()
+    }
+}
+
+async fn list_apps(State(p): State<Shared>, auth: Auth) -> ApiResult {
+    let apps = p.store.call(|s| s.apps()).await?;
+    let mut out = Vec::new();
+    for a in apps {
+        let Ok(name) = AppName::parse(&a.name) else { continue };
+        if !auth.0.may_access(&name) {
+            continue;
+        }
+        let n = name.clone();
+        let live = p.store.call(move |s| s.live_release(&n)).await?;
+        let running = p.supervisor.instances(name.as_str()).len();
+        out.push(json!({
+            "name": a.name,
+            "url": p.app_url(&name),
+            "release": live.map(|r| format!("v{}", r.version)),
+            "processes": running,
+            "created_at": a.created_at,
+        }));
+    }
+    Ok(Json(out).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateApp {
+    name: String,
+}
+
+async fn create_app(State(p): State<Shared>, auth: Auth, body: Bytes) -> ApiResult {
+    auth.admin()?;
+    let req: CreateApp = parse_body(&body)?;
+    let app = AppName::parse(&req.name)?;
+    if !create_app_record(&p, &app, &auth.actor()).await? {
+        return Err(ApiError::new(StatusCode::CONFLICT, format!("app {app} already exists")));
+    }
+    Ok((StatusCode::CREATED, Json(json!({ "name": app.as_str(), "url": p.app_url(&app) }))).into_response())
+}
+
+async fn create_app_record(p: &Shared, app: &AppName, actor: &Actor) -> ApiResult<bool> {
+    let a = app.clone();
+    if !p.store.call(move |s| s.create_app(&a)).await? {
+        return Ok(false);
+    }
+    p.repos.ensure(app).await?;
+    p.register_routes(app).await;
+    p.proxy.set_upstreams(app.as_str(), Vec::new());
+    p.event(Some(app), actor, "create", "", "ok").await;
+    Ok(true)
+}
+
+async fn app_info(State(p): State<Shared>, auth: Auth, Path(name): Path<String>) -> ApiResult {
+    let app = auth.app(&p, &name).await?;
+    let a = app.clone();
+    let (live, domains, config) =
+        p.store.call(move |s| Ok((s.live_release(&a)?, s.domains(&a)?, s.config(&a)?))).await?;
+    Ok(Json(json!({
+        "name": app.as_str(),
+        "url": p.app_url(&app),
+        "git_http": format!("/git/{app}.git"),
+        "release": live.as_ref().map(|r| format!("v{}", r.version)),
+        "commit": live.as_ref().map(|r| r.commit.clone()),
+        "processes": p.supervisor.instances(app.as_str()).len(),
+        "domains": domains,
+        "config_keys": config.keys().collect::<Vec<_>>(),
+    }))
+    .into_response())
+}
+
+#[derive(Deserialize)]
+struct Confirm {
+    confirm: Option<String>,
+}
+
+async fn destroy_app(State(p): State<Shared>, auth: Auth, Path(name): Path<String>, Query(q): Query<Confirm>) -> ApiResult {
+    auth.admin()?;
+    let app = auth.app(&p, &name).await?;
+    if q.confirm.as_deref() != Some(app.as_str()) {
+        return Err(ApiError::bad(format!("destroying {app} needs --confirm {app}")));
+    }
+    release::destroy(&p, &app, &auth.actor()).await?;
+    Ok(Json(json!({ "destroyed": app.as_str() })).into_response())
+}
+
+async fn get_config(State(p): State<Shared>, auth: Auth, Path(name): Path<String>) -> ApiResult {
+    let app = auth.app(&p, &name).await?;
+    let config = p.store.call(move |s| s.config(&app)).await?;
+    Ok(Json(config).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfigChange {
+    #[serde(default)]
+    set: BTreeMap<String, String>,
+    #[serde(default)]
+    unset: Vec<String>,
+}
+
+async fn change_config(State(p): State<Shared>, auth: Auth, Path(name): Path<String>, body: Bytes) -> ApiResult {
+    let app = auth.app(&p, &name).await?;
+    let req: ConfigChange = parse_body(&body)?;
+    for k in req.set.keys().chain(req.unset.iter()) {
+        names::check_config_key(k)?;
+    }
+    if req.set.is_empty() && req.unset.is_empty() {
+        return Err(ApiError::bad("nothing to change"));
+    }
+    let actor = auth.actor();
+    Ok(operation(move |progress| async move {
+        let v = release::change_config(&p, &app, &actor, req.set, req.unset, &progress).await?;
+        Ok(json!({ "release": v.map(|v| format!("v{v}")) }))
+    }))
+}
+
+async fn list_releases(State(p): State<Shared>, auth: Auth, Path(name): Path<String>) -> ApiResult {
+    let app = auth.app(&p, &name).await?;
+    let releases = p.store.call(move |s| s.releases(&app)).await?;
+    // Config values never leave the server in listings; keys are enough.
+    let out: Vec<Value> = releases
+        .into_iter()
+        .map(|r| {
+            json!({
+                "version": format!("v{}", r.version),
+                "commit": r.commit,
+                "ref": r.git_ref,
+                "description": r.description,
+                "actor": r.actor,
+                "status": r.status,
+                "live": r.status == crate::store::ReleaseStatus::Live,
+                "created_at": r.created_at,
+                "config_keys": r.config.keys().collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    Ok(Json(out).into_response())
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RollbackReq {
+    version: Option<String>,
+}
+
+async fn rollback(State(p): State<Shared>, auth: Auth, Path(name): Path<String>, body: Bytes) -> ApiResult {
+    let app = auth.app(&p, &name).await?;
+    let req: RollbackReq = if body.is_empty() { RollbackReq::default() } else { parse_body(&body)? };
+    let to = match req.version.as_deref() {
+        None => None,
+        Some(v) => Some(
+            v.strip_prefix('v')
+                .unwrap_or(v)
+                .parse::<u32>()
+                .map_err(|_| ApiError::bad(format!("invalid release {v:?}: use vN")))?,
+        ),
+    };
+    let actor = auth.actor();
+    Ok(operation(move |progress| async move {
+        let v = release::rollback(&p, &app, &actor, to, &progress).await?;
+        Ok(json!({ "release": format!("v{v}") }))
+    }))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct DeployReq {
+    #[serde(rename = "ref")]
+    git_ref: Option<String>,
+}
+
+async fn deploy(State(p): State<Shared>, auth: Auth, Path(name): Path<String>, body: Bytes) -> ApiResult {
+    let app = auth.app(&p, &name).await?;
+    let req: DeployReq = if body.is_empty() { DeployReq::default() } else { parse_body(&body)? };
+    let a = app.clone();
+    let live = p.store.call(move |s| s.live_release(&a)).await?;
+    let refname = match req.git_ref {
+        Some(r) if r.starts_with("refs/") => r,
+        Some(r) => format!("refs/heads/{r}"),
+        None => live.map(|l| l.git_ref).unwrap_or_else(|| "refs/heads/main".into()),
+    };
+    names::check_ref(&refname)?;
+    let commit = crate::git::resolve(&p.layout.repo(&app), &refname)
+        .await
+        .ok_or_else(|| ApiError::bad(format!("{app} has no ref {refname}; push it first")))?;
+    let actor = auth.actor();
+    Ok(operation(move |progress| async move {
+        let v = release::deploy(&p, &app, &actor, &commit, &refname, &Quarantine::default(), &progress).await?;
+        Ok(json!({ "release": format!("v{v}") }))
+    }))
+}
+
+async fn ps(State(p): State<Shared>, auth: Auth, Path(name): Path<String>) -> ApiResult {
+    let app = auth.app(&p, &name).await?;
+    let out: Vec<Value> = p
+        .supervisor
+        .instances(app.as_str())
+        .iter()
+        .map(|i| {
+            let st = i.status();
+            json!({
+                "type": i.spec.ptype,
+                "instance": i.spec.index,
+                "release": format!("v{}", i.spec.release),
+                "pid": st.pid,
+                "state": st.state,
+                "uptime_secs": st.since.filter(|_| st.pid.is_some()).map(|s| s.elapsed().as_secs()),
+                "restarts": st.restarts,
+                "last_exit": st.last_exit,
+                "port": i.spec.port,
+            })
+        })
+        .collect();
+    Ok(Json(out).into_response())
+}
+
+async fn scale(State(p): State<Shared>, auth: Auth, Path(name): Path<String>, body: Bytes) -> ApiResult {
+    let app = auth.app(&p, &name).await?;
+    let counts: BTreeMap<String, u32> = parse_body(&body)?;
+    if counts.is_empty() {
+        return Err(ApiError::bad("nothing to scale: use TYPE=N"));
+    }
+    for (t, n) in &counts {
+        if *n > release::MAX_SCALE {
+            return Err(ApiError::bad(format!("scale {t}={n} is above the limit of {}", release::MAX_SCALE)));
+        }
+    }
+    let actor = auth.actor();
+    Ok(operation(move |progress| async move {
+        release::scale(&p, &app, &actor, counts, &progress).await?;
+        Ok(json!({}))
+    }))
+}
+
+async fn restart(State(p): State<Shared>, auth: Auth, Path(name): Path<String>) -> ApiResult {
+    let app = auth.app(&p, &name).await?;
+    let actor = auth.actor();
+    Ok(operation(move |progress| async move {
+        release::restart(&p, &app, &actor, &progress).await?;
+        Ok(json!({}))
+    }))
+}
+
+async fn stop(State(p): State<Shared>, auth: Auth, Path(name): Path<String>) -> ApiResult {
+    let app = auth.app(&p, &name).await?;
+    release::stop(&p, &app, &auth.actor()).await?;
+    Ok(Json(json!({ "stopped": app.as_str() })).into_response())
+}
+
+#[derive(Deserialize)]
+struct LogsQuery {
+    n: Option<usize>,
+    follow: Option<bool>,
+    #[serde(rename = "type")]
+    ptype: Option<String>,
+}
+
+async fn logs(State(p): State<Shared>, auth: Auth, Path(name): Path<String>, Query(q): Query<LogsQuery>) -> ApiResult {
+    let app = auth.app(&p, &name).await?;
+    let log = p.logs.app(&app);
+    // Subscribe before reading the tail, so no line falls between them.
+    let live = log.subscribe();
+    let n = q.n.unwrap_or(100).min(10_000);
+    let filter = q.ptype.clone();
+    let keep = move |line: &str| -> bool {
+        match &filter {
+            None => true,
+            Some(t) => line
+                .split_once(' ')
+                .map(|(_, rest)| rest.starts_with(&format!("{t}.")) || rest.starts_with(&format!("{t}:")))
+                .unwrap_or(false),
+        }
+    };
+    let keep2 = keep.clone();
+    let tail: Vec<String> = log.tail(if q.ptype.is_some() { 10_000 } else { n });
+    let mut tail: Vec<String> = tail.into_iter().filter(|l| keep(l)).collect();
+    let skip = tail.len().saturating_sub(n);
+    tail.drain(..skip);
+    let head = futures_util::stream::iter(tail.into_iter().map(|l| Ok::<_, std::convert::Infallible>(format!("{l}\n"))));
+    let body = if q.follow.unwrap_or(false) {
+        let follow = BroadcastStream::new(live).filter_map(move |r| {
+            let out = match r {
+                Ok(l) if keep2(&l) => Some(Ok(format!("{l}\n"))),
+                Ok(_) => None,
+                Err(_) => Some(Ok("-- some lines were skipped (reader too slow) --\n".to_string())),
+            };
+            async move { out }
+        });
+        Body::from_stream(head.chain(follow))
+    } else {
+        Body::from_stream(head)
+    };
+    Ok(Response::builder()
+        .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
+        .body(body)
+        .map_err(|e| anyhow!("building logs response: {e}"))?)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RunReq {
+    command: String,
+}
+
+async fn run_one_off(State(p): State<Shared>, auth: Auth, Path(name): Path<String>, body: Bytes) -> ApiResult {
+    let app = auth.app(&p, &name).await?;
+    let req: RunReq = parse_body(&body)?;
+    if req.command.trim().is_empty() || req.command.len() > 64 * 1024 {
+        return Err(ApiError::bad("the command must be 1 byte to 64 KiB"));
+    }
+    let a = app.clone();
+    let live = p
+        .store
+        .call(move |s| s.live_release(&a))
+        .await?
+        .ok_or_else(|| ApiError::bad(format!("{app} has no live release to run in")))?;
+    let cmd = release::one_off_command(&p, &app, &live, &req.command);
+    p.event(Some(&app), &auth.actor(), "run", "", "started").await;
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Value>();
+    tokio::spawn(async move {
+        let mut child = match crate::runtime::spawn(&cmd) {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = tx.send(json!({ "ok": false, "error": format!("starting the command: {e}") }));
+                return;
+            }
+        };
+        let pgid = child.id().map(|p| p as i32).unwrap_or(0);
+        let (ltx, mut lrx) = tokio::sync::mpsc::unbounded_channel();
+        if let Some(o) = child.stdout.take() {
+            tokio::spawn(crate::runtime::pump_lines(o, ltx.clone()));
+        }
+        if let Some(e) = child.stderr.take() {
+            tokio::spawn(crate::runtime::pump_lines(e, ltx));
+        }
+        loop {
+            tokio::select! {
+                line = lrx.recv() => match line {
+                    Some(l) => if tx.send(json!({ "line": l })).is_err() { break },
+                    None => break,
+                },
+                _ = tx.closed() => break,
+            }
+        }
+        if tx.is_closed() {
+            // The client went away: the one-off goes with it.
+            crate::runtime::signal_group(pgid, libc::SIGTERM);
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), child.wait()).await;
+            crate::runtime::signal_group(pgid, libc::SIGKILL);
+            return;
+        }
+        let code = match child.wait().await {
+            Ok(s) => s.code().unwrap_or(128 + std::os::unix::process::ExitStatusExt::signal(&s).unwrap_or(0)),
+            Err(_) => 1,
+        };
+        crate::runtime::signal_group(pgid, libc::SIGKILL);
+        let _ = tx.send(json!({ "ok": true, "result": { "exit_code": code } }));
+    });
+    let body = UnboundedReceiverStream::new(rx).map(|v| Ok::<_, std::convert::Infallible>(format!("{v}\n")));
+    Ok(Response::builder()
+        .header(header::CONTENT_TYPE, "application/x-ndjson")
+        .body(Body::from_stream(body))
+        .map_err(|e| anyhow!("building run response: {e}"))?)
+}
+
+async fn list_domains(State(p): State<Shared>, auth: Auth, Path(name): Path<String>) -> ApiResult {
+    let app = auth.app(&p, &name).await?;
+    let a = app.clone();
+    let mut hosts = vec![p.app_host(&app)];
+    hosts.extend(p.store.call(move |s| s.domains(&a)).await?);
+    Ok(Json(hosts).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DomainReq {
+    host: String,
+}
+
+async fn add_domain(State(p): State<Shared>, auth: Auth, Path(name): Path<String>, body: Bytes) -> ApiResult {
+    let app = auth.app(&p, &name).await?;
+    let req: DomainReq = parse_body(&body)?;
+    let host = names::parse_host(&req.host)?;
+    // A name under the server's domain belongs to the app of that name.
+    if let Some(sub) = host.strip_suffix(&format!(".{}", p.domain)) {
+        if sub != app.as_str() {
+            return Err(ApiError::new(StatusCode::CONFLICT, format!("{host} is reserved for app {sub}")));
+        }
+    }
+    let h = host.clone();
+    if let Some(owner) = p.store.call(move |s| s.domain_owner(&h)).await? {
+        if owner != app.as_str() {
+            return Err(ApiError::new(StatusCode::CONFLICT, format!("{host} already belongs to another app")));
+        }
+    }
+    let (a, h) = (app.clone(), host.clone());
+    p.store.call(move |s| s.add_domain(&a, &h)).await?;
+    p.register_routes(&app).await;
+    p.event(Some(&app), &auth.actor(), "domains:add", &host, "ok").await;
+    Ok(Json(json!({ "added": host })).into_response())
+}
+
+async fn remove_domain(State(p): State<Shared>, auth: Auth, Path((name, host)): Path<(String, String)>) -> ApiResult {
+    let app = auth.app(&p, &name).await?;
+    let host = names::parse_host(&host)?;
+    let (a, h) = (app.clone(), host.clone());
+    if !p.store.call(move |s| s.remove_domain(&a, &h)).await? {
+        return Err(ApiError::new(StatusCode::NOT_FOUND, format!("{host} is not a domain of {app}")));
+    }
+    p.register_routes(&app).await;
+    p.event(Some(&app), &auth.actor(), "domains:remove", &host, "ok").await;
+    Ok(Json(json!({ "removed": host })).into_response())
+}
+
+async fn list_tokens(State(p): State<Shared>, auth: Auth) -> ApiResult {
+    auth.admin()?;
+    Ok(Json(p.store.call(|s| s.tokens()).await?).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokenReq {
+    name: String,
+    app: Option<String>,
+}
+
+async fn create_token(State(p): State<Shared>, auth: Auth, body: Bytes) -> ApiResult {
+    auth.admin()?;
+    let req: TokenReq = parse_body(&body)?;
+    names::check_label(&req.name)?;
+    let scope = match &req.app {
+        Some(a) => Some(auth.app(&p, a).await?),
+        None => None,
+    };
+    let token = auth::generate_token();
+    let (n, h, s2) = (req.name.clone(), auth::hash_token(&token), scope.clone());
+    if !p.store.call(move |s| s.add_token(&n, &h, s2.as_ref())).await? {
+        return Err(ApiError::new(StatusCode::CONFLICT, format!("a token named {} exists", req.name)));
+    }
+    p.event(scope.as_ref(), &auth.actor(), "tokens:create", &req.name, "ok").await;
+    Ok((StatusCode::CREATED, Json(json!({ "name": req.name, "app": req.app, "token": token }))).into_response())
+}
+
+async fn revoke_token(State(p): State<Shared>, auth: Auth, Path(name): Path<String>) -> ApiResult {
+    auth.admin()?;
+    names::check_label(&name)?;
+    let n = name.clone();
+    if !p.store.call(move |s| s.revoke_token(&n)).await? {
+        return Err(ApiError::new(StatusCode::NOT_FOUND, format!("no token named {name}")));
+    }
+    p.event(None, &auth.actor(), "tokens:revoke", &name, "ok").await;
+    Ok(Json(json!({ "revoked": name })).into_response())
+}
+
+#[derive(Deserialize)]
+struct EventsQuery {
+    app: Option<String>,
+    n: Option<u32>,
+}
+
+async fn events(State(p): State<Shared>, auth: Auth, Query(q): Query<EventsQuery>) -> ApiResult {
+    let app = match (&q.app, &auth.0.scope) {
+        (Some(a), _) => Some(auth.app(&p, a).await?),
+        (None, Some(scope)) => Some(AppName::parse(scope)?),
+        (None, None) => None,
+    };
+    let n = q.n.unwrap_or(100).min(10_000);
+    Ok(Json(p.store.call(move |s| s.events(app.as_ref(), n)).await?).into_response())
+}
+
+// ---- git over HTTP ----
+
+async fn git_http(State(p): State<Shared>, method: Method, uri: Uri, headers: HeaderMap, body: Body) -> Response {
+    match git_http_inner(p, method, uri, headers, body).await {
+        Ok(r) => r,
+        Err(e) => e.into_git_response(),
+    }
+}
+
+impl ApiError {
+    /// git shows a plain-text body of an error response to the user.
+    fn into_git_response(self) -> Response {
+        let mut r = (self.status, format!("slipway: {}\n", self.message)).into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            r.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Basic realm=\"slipway\""));
+        }
+        r
+    }
+}
+
+async fn git_http_inner(p: Shared, method: Method, uri: Uri, headers: HeaderMap, body: Body) -> ApiResult {
+    let path = uri.path().strip_prefix("/git").unwrap_or("");
+    let query = uri.query().unwrap_or("");
+    let (repo_seg, rest) = path.trim_start_matches('/').split_once('/').unwrap_or((path, ""));
+    let name = repo_seg.strip_suffix(".git").unwrap_or(repo_seg);
+    let app = AppName::parse(name).map_err(|e| ApiError::new(StatusCode::NOT_FOUND, e.to_string()))?;
+    let push = match (rest, query) {
+        ("info/refs", "service=git-receive-pack") | ("git-receive-pack", _) => true,
+        ("info/refs", "service=git-upload-pack") | ("git-upload-pack", _) => false,
+        _ => return Err(ApiError::new(StatusCode::NOT_FOUND, "only the smart HTTP protocol is served")),
+    };
+
+    let principal = git_principal(&p, &headers).await?;
+    if !principal.may_access(&app) {
+        return Err(ApiError::new(StatusCode::FORBIDDEN, format!("this token may not access app {app}")));
+    }
+    let a = app.clone();
+    let exists = p.store.call(move |s| s.app(&a)).await?.is_some();
+    if !exists {
+        if push && principal.is_admin() {
+            create_app_record(&p, &app, &Actor(principal.name.clone())).await?;
+        } else {
+            return Err(ApiError::new(StatusCode::NOT_FOUND, format!("no app named {app}")));
+        }
+    }
+    p.repos.ensure(&app).await?;
+
+    let mut env = vec![("REMOTE_USER".to_string(), principal.name.clone())];
+    let mut guard = None;
+    if push && rest == "git-receive-pack" {
+        let id = p.register_push(Push { app: app.clone(), actor: principal.name.clone() });
+        env.push(("SLIPWAY_PUSH".into(), id.clone()));
+        env.push(("SLIPWAY_SOCKET".into(), p.layout.socket().display().to_string()));
+        guard = Some(PushGuard { p: p.clone(), id });
+    }
+    let path_info = format!("/{app}.git/{rest}");
+    let resp = p.repos.http_backend(&method, &path_info, query, &headers, body, env).await?;
+    let (parts, body) = resp.into_parts();
+    // The push stays registered until its response (the deploy's
+    // progress) has been streamed out.
+    let stream = body.into_data_stream().map(move |chunk| {
+        let _keep = &guard;
+        chunk
+    });
+    Ok(Response::from_parts(parts, Body::from_stream(stream)))
+}
+
+struct PushGuard {
+    p: Shared,
+    id: String,
+}
+
+impl Drop for PushGuard {
+    fn drop(&mut self) {
+        self.p.end_push(&self.id);
+    }
+}
+
+/// HTTP basic auth for git: any user name, password = an API token.
+async fn git_principal(p: &Shared, headers: &HeaderMap) -> ApiResult<Principal> {
+    let unauthorized = |m: &str| ApiError::new(StatusCode::UNAUTHORIZED, m.to_string());
+    let Some(value) = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) else {
+        return Err(unauthorized("authentication required: use an API token as the password"));
+    };
+    let encoded = value.strip_prefix("Basic ").ok_or_else(|| unauthorized("use HTTP basic auth"))?;
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(encoded.trim())
+        .map_err(|_| unauthorized("malformed basic auth"))?;
+    let decoded = String::from_utf8(decoded).map_err(|_| unauthorized("malformed basic auth"))?;
+    let (_, password) = decoded.split_once(':').ok_or_else(|| unauthorized("malformed basic auth"))?;
+    lookup_token(p, password).await?.ok_or_else(|| unauthorized("invalid or revoked token"))
+}
+
+// ---- the pre-receive hook ----
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HookRequest {
+    pub push: String,
+    pub refs: Vec<RefUpdate>,
+    pub env: BTreeMap<String, String>,
+}
+
+async fn pre_receive(State(p): State<Shared>, Extension(t): Extension<Transport>, body: Bytes) -> ApiResult {
+    if t != Transport::Local {
+        return Err(ApiError::new(StatusCode::NOT_FOUND, "no such endpoint"));
+    }
+    let req: HookRequest = parse_body(&body)?;
+    let push = p.push(&req.push).ok_or_else(|| ApiError::new(StatusCode::FORBIDDEN, "unknown push; pushes go through slipway's git endpoints"))?;
+    let q = Quarantine(
+        req.env
+            .into_iter()
+            .filter(|(k, _)| crate::git::QUARANTINE_VARS.contains(&k.as_str()))
+            .collect(),
+    );
+    Ok(operation(move |progress| async move {
+        release::receive_push(&p, &push.app, &Actor(push.actor.clone()), req.refs, q, &progress).await?;
+        Ok(json!({}))
+    }))
+}

@@ -1,0 +1,447 @@
+//! Runtime detection and dependency environments.
+//!
+//! A Python app gets a virtualenv under DIR/envs/KEY, where KEY hashes the
+//! interpreter (real path and version) and the dependency files' content.
+//! The same KEY is the same environment, so a code-only push reuses it and
+//! installs nothing. An environment is built in place (virtualenvs are not
+//! relocatable) under a per-key lock, and only counts once its completion
+//! marker is written; a failed build is removed whole.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use sha2::{Digest, Sha256};
+use tokio::process::Command;
+
+use crate::layout::Layout;
+use crate::progress::Progress;
+use crate::runtime::{self, ProcessCommand};
+
+const MARKER: &str = ".slipway-complete";
+const INSTALL_TIMEOUT: Duration = Duration::from_secs(20 * 60);
+
+/// How an app's dependencies are declared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PythonDeps {
+    /// `requirements.txt`
+    Requirements,
+    /// `pyproject.toml` with `uv.lock`: installed exactly as locked.
+    UvLock,
+    /// `pyproject.toml` alone: its declared dependencies.
+    Pyproject,
+}
+
+#[derive(Debug, Clone)]
+pub enum Runtime {
+    Python { deps: Option<PythonDeps>, interpreter: Interpreter },
+    /// No runtime detected: the Procfile's commands run as they are.
+    Generic,
+}
+
+#[derive(Debug, Clone)]
+pub struct Interpreter {
+    /// The interpreter's real executable (not a pyenv shim).
+    pub path: PathBuf,
+    pub version: String,
+}
+
+/// A ready dependency environment.
+#[derive(Debug, Clone)]
+pub struct Environment {
+    pub key: String,
+    pub dir: PathBuf,
+}
+
+impl Environment {
+    /// Variables that put the environment first: `PATH`, `VIRTUAL_ENV`.
+    pub fn vars(&self, base_path: &str) -> Vec<(String, String)> {
+        vec![
+            ("PATH".into(), format!("{}:{base_path}", self.dir.join("bin").display())),
+            ("VIRTUAL_ENV".into(), self.dir.display().to_string()),
+        ]
+    }
+}
+
+pub struct Builder {
+    layout: Layout,
+    /// The daemon's PATH, searched for interpreters and given to builds.
+    base_path: String,
+    uv_cache: PathBuf,
+    key_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    uv: tokio::sync::OnceCell<Option<PathBuf>>,
+}
+
+impl Builder {
+    pub fn new(layout: Layout, base_path: String) -> Builder {
+        // An operator (or the test suite) may share one download cache
+        // across data directories.
+        let uv_cache = std::env::var_os("UV_CACHE_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| layout.cache().join("uv"));
+        Builder { layout, base_path, uv_cache, key_locks: Mutex::default(), uv: tokio::sync::OnceCell::new() }
+    }
+
+    pub fn base_path(&self) -> &str {
+        &self.base_path
+    }
+
+    /// Detect the runtime of a checked-out release.
+    pub async fn detect(&self, dir: &Path) -> Result<Runtime> {
+        let has = |f: &str| dir.join(f).is_file();
+        let deps = if has("pyproject.toml") && has("uv.lock") {
+            Some(PythonDeps::UvLock)
+        } else if has("requirements.txt") {
+            Some(PythonDeps::Requirements)
+        } else if has("pyproject.toml") {
+            Some(PythonDeps::Pyproject)
+        } else {
+            None
+        };
+        let pin = python_pin(dir)?;
+        if deps.is_none() && pin.is_none() {
+            return Ok(Runtime::Generic);
+        }
+        let interpreter = self.find_interpreter(pin.as_deref()).await?;
+        Ok(Runtime::Python { deps, interpreter })
+    }
+
+    /// The interpreter for a pin such as `3.11` or `3.11.7`; with no pin,
+    /// the server's `python3`. Refuses a pin the server cannot satisfy.
+    async fn find_interpreter(&self, pin: Option<&str>) -> Result<Interpreter> {
+        let candidates: Vec<String> = match pin {
+            None => vec!["python3".into()],
+            Some(v) => {
+                let mm: Vec<&str> = v.split('.').take(2).collect();
+                vec![format!("python{}", mm.join(".")), "python3".into()]
+            }
+        };
+        let mut seen = Vec::new();
+        for name in candidates {
+            let Some(found) = self.probe_interpreter(&name).await else { continue };
+            let ok = match pin {
+                None => true,
+                Some(p) => version_matches(p, &found.version),
+            };
+            if ok {
+                return Ok(found);
+            }
+            seen.push(found.version);
+        }
+        let pin = pin.unwrap_or("3");
+        if seen.is_empty() {
+            bail!("python {pin} is not available on this server (no python3 found)");
+        }
+        bail!("python {pin} is not available on this server (it has {})", seen.join(", "))
+    }
+
+    async fn probe_interpreter(&self, name: &str) -> Option<Interpreter> {
+        let out = Command::new(name)
+            .args(["-c", "import sys; print(sys.executable); print('%d.%d.%d' % sys.version_info[:3])"])
+            .env("PATH", &self.base_path)
+            .output()
+            .await
+            .ok()?;
+        if !out.status.success() {
+            return None;
+        }
+        let text = String::from_utf8_lossy(&out.stdout);
+        let mut lines = text.lines();
+        let path = PathBuf::from(lines.next()?);
+        let version = lines.next()?.to_string();
+        Some(Interpreter { path, version })
+    }
+
+    /// Make sure the environment for this release exists; reuse it when
+    /// the key is known.
+    pub async fn prepare(&self, dir: &Path, rt: &Runtime, progress: &Progress) -> Result<Option<Environment>> {
+        let Runtime::Python { deps, interpreter } = rt else { return Ok(None) };
+        let key = env_key(dir, *deps, interpreter)?;
+        let env = Environment { key: key.clone(), dir: self.layout.env(&key) };
+
+        let lock = {
+            let mut locks = self.key_locks.lock().unwrap_or_else(|e| e.into_inner());
+            locks.entry(key.clone()).or_default().clone()
+        };
+        let _guard = lock.lock().await;
+        if env.dir.join(MARKER).is_file() {
+            progress.info(&format!("dependencies unchanged: reusing environment {}", short(&key)));
+            return Ok(Some(env));
+        }
+        progress.info(&format!("building environment {} (python {})", short(&key), interpreter.version));
+        // A directory without the marker is a build that died midway.
+        let _ = tokio::fs::remove_dir_all(&env.dir).await;
+        tokio::fs::create_dir_all(self.layout.envs()).await.context("creating envs directory")?;
+        match self.build(dir, *deps, interpreter, &env, progress).await {
+            Ok(()) => {
+                tokio::fs::write(env.dir.join(MARKER), format!("python {}\n", interpreter.version))
+                    .await
+                    .context("marking environment complete")?;
+                Ok(Some(env))
+            }
+            Err(e) => {
+                let _ = tokio::fs::remove_dir_all(&env.dir).await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn build(
+        &self,
+        dir: &Path,
+        deps: Option<PythonDeps>,
+        interp: &Interpreter,
+        env: &Environment,
+        progress: &Progress,
+    ) -> Result<()> {
+        let envdir = env.dir.display().to_string();
+        let python = interp.path.display().to_string();
+        let run = |line: String, extra: Vec<(String, String)>| {
+            let mut vars = vec![
+                ("PATH".to_string(), self.base_path.clone()),
+                ("HOME".to_string(), self.layout.cache().display().to_string()),
+                ("UV_CACHE_DIR".to_string(), self.uv_cache.display().to_string()),
+                ("UV_PYTHON_DOWNLOADS".to_string(), "never".to_string()),
+                ("UV_NO_PROGRESS".to_string(), "1".to_string()),
+                ("PIP_CACHE_DIR".to_string(), self.layout.cache().join("pip").display().to_string()),
+                ("PIP_DISABLE_PIP_VERSION_CHECK".to_string(), "1".to_string()),
+                ("LANG".to_string(), "C.UTF-8".to_string()),
+            ];
+            vars.extend(host_package_settings());
+            vars.extend(extra);
+            ProcessCommand { command: line, cwd: dir.to_path_buf(), env: vars }
+        };
+        let q = shell_quote;
+        if let Some(uv) = self.uv(progress).await {
+            let uv = q(&uv.display().to_string());
+            progress.info("installing with uv");
+            runtime::run_to_end(&run(format!("{uv} venv --quiet --python {} {}", q(&python), q(&envdir)), vec![]), progress, INSTALL_TIMEOUT)
+                .await
+                .context("creating the virtualenv")?;
+            let install = match deps {
+                None => return Ok(()),
+                Some(PythonDeps::Requirements) => format!("{uv} pip install --python {} -r requirements.txt", q(&format!("{envdir}/bin/python"))),
+                Some(PythonDeps::Pyproject) => format!("{uv} pip install --python {} -r pyproject.toml", q(&format!("{envdir}/bin/python"))),
+                Some(PythonDeps::UvLock) => format!("{uv} sync --frozen --no-install-project --no-dev --python {}", q(&python)),
+            };
+            let extra = vec![("UV_PROJECT_ENVIRONMENT".to_string(), envdir.clone())];
+            runtime::run_to_end(&run(install, extra), progress, INSTALL_TIMEOUT)
+                .await
+                .context("installing dependencies")?;
+            return Ok(());
+        }
+        if deps == Some(PythonDeps::UvLock) {
+            bail!("uv.lock needs uv, which could not be found or installed on this server");
+        }
+        progress.info("uv unavailable: installing with pip");
+        runtime::run_to_end(&run(format!("{} -m venv {}", q(&python), q(&envdir)), vec![]), progress, INSTALL_TIMEOUT)
+            .await
+            .context("creating the virtualenv")?;
+        let file = match deps {
+            None => return Ok(()),
+            Some(PythonDeps::Requirements) => "-r requirements.txt",
+            Some(_) => ".",
+        };
+        runtime::run_to_end(&run(format!("{} -m pip install {file}", q(&format!("{envdir}/bin/python"))), vec![]), progress, INSTALL_TIMEOUT)
+            .await
+            .context("installing dependencies")?;
+        Ok(())
+    }
+
+    /// uv from the server's PATH, from the interpreter's `uv` package, or
+    /// installed once from PyPI into DIR/tools; `None` means use pip.
+    async fn uv(&self, progress: &Progress) -> Option<PathBuf> {
+        self.uv
+            .get_or_init(|| async {
+                if let Some(p) = which("uv", &self.base_path) {
+                    return Some(p);
+                }
+                let out = Command::new("python3")
+                    .args(["-c", "import uv; print(uv.find_uv_bin())"])
+                    .env("PATH", &self.base_path)
+                    .output()
+                    .await
+                    .ok()?;
+                if out.status.success() {
+                    let p = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+                    if p.is_file() {
+                        return Some(p);
+                    }
+                }
+                let tools = self.layout.tools().join("uv");
+                let bin = tools.join("bin/uv");
+                if bin.is_file() {
+                    return Some(bin);
+                }
+                progress.info("uv not found: installing it from PyPI (once)");
+                let line = format!(
+                    "python3 -m venv {t} && {t}/bin/pip install --quiet uv",
+                    t = shell_quote(&tools.display().to_string())
+                );
+                let cmd = ProcessCommand {
+                    command: line,
+                    cwd: self.layout.root().to_path_buf(),
+                    env: vec![("PATH".into(), self.base_path.clone()), ("HOME".into(), self.layout.cache().display().to_string())],
+                };
+                match runtime::run_to_end(&cmd, progress, INSTALL_TIMEOUT).await {
+                    Ok(()) if bin.is_file() => Some(bin),
+                    _ => {
+                        let _ = tokio::fs::remove_dir_all(&tools).await;
+                        None
+                    }
+                }
+            })
+            .await
+            .clone()
+    }
+
+    /// Remove environments that no kept release uses.
+    pub fn collect(&self, in_use: &[String]) -> Result<Vec<String>> {
+        let mut removed = Vec::new();
+        let entries = match std::fs::read_dir(self.layout.envs()) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(removed),
+            Err(e) => return Err(e).context("listing environments"),
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().to_string();
+            // Busy keys are being built right now: leave them.
+            let busy = self
+                .key_locks
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&name)
+                .is_some_and(|l| l.try_lock().is_err());
+            if !in_use.contains(&name) && !busy {
+                std::fs::remove_dir_all(entry.path())
+                    .with_context(|| format!("removing environment {name}"))?;
+                removed.push(name);
+            }
+        }
+        Ok(removed)
+    }
+}
+
+/// The host's settings for reaching package indexes: proxies, CA bundles,
+/// pip and uv configuration. Builds run with a cleared environment, but an
+/// operator who configured a mirror or a corporate CA for the machine
+/// expects slipway's installs to use it too. Only these names pass.
+fn host_package_settings() -> Vec<(String, String)> {
+    const EXACT: [&str; 8] = [
+        "SSL_CERT_FILE",
+        "SSL_CERT_DIR",
+        "REQUESTS_CA_BUNDLE",
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "NO_PROXY",
+        "ALL_PROXY",
+        "UV_INDEX_URL",
+    ];
+    std::env::vars()
+        .filter(|(k, _)| {
+            let upper = k.to_ascii_uppercase();
+            EXACT.contains(&upper.as_str())
+                || (k.starts_with("PIP_") && k != "PIP_CACHE_DIR")
+                || (k.starts_with("UV_") && k != "UV_CACHE_DIR" && k != "UV_PROJECT_ENVIRONMENT")
+        })
+        .collect()
+}
+
+/// The pin from `.python-version` or `runtime.txt` (`python-3.11.7`).
+fn python_pin(dir: &Path) -> Result<Option<String>> {
+    let read = |name: &str| -> Result<Option<String>> {
+        let p = dir.join(name);
+        match std::fs::symlink_metadata(&p) {
+            Ok(m) if m.file_type().is_file() && m.len() < 4096 => {
+                Ok(Some(std::fs::read_to_string(&p).with_context(|| format!("reading {name}"))?))
+            }
+            Ok(_) => Err(anyhow!("{name} must be a small regular file")),
+            Err(_) => Ok(None),
+        }
+    };
+    let raw = if let Some(t) = read(".python-version")? {
+        t.lines().map(str::trim).find(|l| !l.is_empty() && !l.starts_with('#')).map(str::to_string)
+    } else if let Some(t) = read("runtime.txt")? {
+        let t = t.trim();
+        Some(t.strip_prefix("python-").unwrap_or(t).to_string())
+    } else {
+        None
+    };
+    let Some(v) = raw else { return Ok(None) };
+    let v = v.strip_prefix("python").unwrap_or(&v).trim_start_matches('-').to_string();
+    let valid = !v.is_empty()
+        && v.len() < 16
+        && v.split('.').count() <= 3
+        && v.split('.').all(|p| !p.is_empty() && p.bytes().all(|c| c.is_ascii_digit()));
+    if !valid {
+        bail!("unsupported python version pin {:?}: use a version like 3.11 or 3.11.7", v.chars().take(20).collect::<String>());
+    }
+    Ok(Some(v))
+}
+
+/// `3.11` matches 3.11.x; `3.11.7` only 3.11.7.
+fn version_matches(pin: &str, actual: &str) -> bool {
+    let a: Vec<&str> = actual.split('.').collect();
+    pin.split('.').enumerate().all(|(i, p)| a.get(i) == Some(&p))
+}
+
+fn env_key(dir: &Path, deps: Option<PythonDeps>, interp: &Interpreter) -> Result<String> {
+    let mut h = Sha256::new();
+    h.update(b"python\0");
+    h.update(interp.path.as_os_str().as_encoded_bytes());
+    h.update(b"\0");
+    h.update(interp.version.as_bytes());
+    let files: &[&str] = match deps {
+        None => &[],
+        Some(PythonDeps::Requirements) => &["requirements.txt"],
+        Some(PythonDeps::UvLock) => &["pyproject.toml", "uv.lock"],
+        Some(PythonDeps::Pyproject) => &["pyproject.toml"],
+    };
+    for f in files {
+        let p = dir.join(f);
+        let meta = std::fs::symlink_metadata(&p).with_context(|| format!("reading {f}"))?;
+        if !meta.file_type().is_file() {
+            bail!("{f} must be a regular file, not a symlink");
+        }
+        h.update(b"\0");
+        h.update(f.as_bytes());
+        h.update(b"\0");
+        h.update(std::fs::read(&p).with_context(|| format!("reading {f}"))?);
+    }
+    Ok(hex::encode(&h.finalize()[..16]))
+}
+
+fn short(key: &str) -> &str {
+    &key[..key.len().min(12)]
+}
+
+fn which(name: &str, path: &str) -> Option<PathBuf> {
+    path.split(':').map(|d| Path::new(d).join(name)).find(|p| p.is_file())
+}
+
+/// Quote for `sh -c`: single quotes, with embedded ones closed and escaped.
+pub fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn version_pins() {
+        assert!(version_matches("3.11", "3.11.7"));
+        assert!(version_matches("3.11.7", "3.11.7"));
+        assert!(!version_matches("3.11.8", "3.11.7"));
+        assert!(!version_matches("3.1", "3.11.7"));
+        assert!(!version_matches("2", "3.11.7"));
+    }
+
+    #[test]
+    fn quoting() {
+        assert_eq!(shell_quote("a b"), "'a b'");
+        assert_eq!(shell_quote("it's"), r"'it'\''s'");
+    }
+}

@@ -1,0 +1,245 @@
+//! Bare repositories, their hooks, and git over HTTP.
+//!
+//! Every app has DIR/repos/APP.git with a `pre-receive` hook that calls
+//! back into the daemon (`slipway hook pre-receive`), so the deploy runs
+//! inside the push: if it fails the hook fails, git rejects the push, and
+//! the repo's ref still names what is live. Git over HTTP is the real
+//! `git http-backend` run as CGI, streamed both ways, so the pusher sees
+//! deploy progress as it happens.
+//!
+//! Objects of a push under way sit in a quarantine directory that only the
+//! hook's environment names; the hook forwards those variables and every
+//! read here takes them as a [`Quarantine`].
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+
+use anyhow::{bail, Context, Result};
+use axum::body::Body;
+use axum::http::{HeaderMap, Method, Response, StatusCode};
+use futures_util::TryStreamExt;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::process::Command;
+
+use crate::layout::Layout;
+use crate::names::AppName;
+
+/// The environment variables that let git see a push's quarantined objects.
+pub const QUARANTINE_VARS: [&str; 3] =
+    ["GIT_OBJECT_DIRECTORY", "GIT_ALTERNATE_OBJECT_DIRECTORIES", "GIT_QUARANTINE_PATH"];
+
+#[derive(Debug, Clone, Default)]
+pub struct Quarantine(pub Vec<(String, String)>);
+
+pub struct Repos {
+    layout: Layout,
+    /// This binary, which the hooks call.
+    slipway_bin: PathBuf,
+}
+
+impl Repos {
+    pub fn new(layout: Layout, slipway_bin: PathBuf) -> Repos {
+        Repos { layout, slipway_bin }
+    }
+
+    /// Create the app's bare repo if needed, and (re)write its hook so it
+    /// always points at the running binary.
+    pub async fn ensure(&self, app: &AppName) -> Result<PathBuf> {
+        let repo = self.layout.repo(app);
+        if !repo.join("HEAD").is_file() {
+            tokio::fs::create_dir_all(self.layout.repos()).await.context("creating repos directory")?;
+            git(None, &["init", "--quiet", "--bare", "--initial-branch=main"], Some(&repo)).await?;
+            for (k, v) in [("http.receivepack", "true"), ("receive.denyNonFastForwards", "false"), ("core.logAllRefUpdates", "true")] {
+                git(Some(&repo), &["config", k, v], None).await?;
+            }
+        }
+        let hook = repo.join("hooks/pre-receive");
+        let script = format!(
+            "#!/bin/sh\n# Installed by slipway: the deploy runs inside the push.\nexec {} hook pre-receive\n",
+            crate::build::shell_quote(&self.slipway_bin.display().to_string())
+        );
+        tokio::fs::write(&hook, script).await.context("writing pre-receive hook")?;
+        set_mode(&hook, 0o755)?;
+        Ok(repo)
+    }
+
+    /// Serve one smart-HTTP request by running `git http-backend`.
+    /// `path_info` is `/APP.git/...`; `env` adds the push's identity.
+    pub async fn http_backend(
+        &self,
+        method: &Method,
+        path_info: &str,
+        query: &str,
+        headers: &HeaderMap,
+        body: Body,
+        env: Vec<(String, String)>,
+    ) -> Result<Response<Body>> {
+        let mut cmd = Command::new("git");
+        cmd.arg("http-backend")
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_else(|_| crate::runtime::SYSTEM_PATH.into()))
+            .env("GIT_PROJECT_ROOT", self.layout.repos())
+            .env("GIT_HTTP_EXPORT_ALL", "1")
+            .env("REQUEST_METHOD", method.as_str())
+            .env("PATH_INFO", path_info)
+            .env("QUERY_STRING", query)
+            .env("SERVER_PROTOCOL", "HTTP/1.1")
+            .env("GATEWAY_INTERFACE", "CGI/1.1")
+            .envs(env)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        for (name, value) in headers {
+            let Ok(v) = value.to_str() else { continue };
+            match name.as_str() {
+                "content-type" => cmd.env("CONTENT_TYPE", v),
+                "content-length" => cmd.env("CONTENT_LENGTH", v),
+                "git-protocol" => cmd.env("GIT_PROTOCOL", v),
+                "content-encoding" => cmd.env("HTTP_CONTENT_ENCODING", v),
+                _ => &mut cmd,
+            };
+        }
+        let mut child = cmd.spawn().context("starting git http-backend")?;
+        let mut stdin = child.stdin.take().context("http-backend stdin")?;
+        let stdout = child.stdout.take().context("http-backend stdout")?;
+        let mut stderr = child.stderr.take().context("http-backend stderr")?;
+
+        tokio::spawn(async move {
+            let stream = body.into_data_stream().map_err(std::io::Error::other);
+            let mut reader = tokio_util::io::StreamReader::new(stream);
+            if let Err(e) = tokio::io::copy(&mut reader, &mut stdin).await {
+                tracing::debug!(error = %e, "copying request body to http-backend");
+            }
+            let _ = stdin.shutdown().await;
+        });
+        tokio::spawn(async move {
+            let mut buf = String::new();
+            let _ = stderr.read_to_string(&mut buf).await;
+            if !buf.trim().is_empty() {
+                tracing::debug!(stderr = %buf.trim(), "git http-backend");
+            }
+            let _ = child.wait().await;
+        });
+
+        // CGI response: header lines, a blank line, then the body.
+        let mut out = BufReader::new(stdout);
+        let mut resp = Response::builder().status(StatusCode::OK);
+        loop {
+            let mut line = String::new();
+            if out.read_line(&mut line).await.context("reading http-backend headers")? == 0 {
+                bail!("git http-backend ended before its headers");
+            }
+            let line = line.trim_end();
+            if line.is_empty() {
+                break;
+            }
+            let Some((k, v)) = line.split_once(':') else { continue };
+            let v = v.trim();
+            if k.eq_ignore_ascii_case("status") {
+                let code = v.split_whitespace().next().and_then(|c| c.parse().ok()).unwrap_or(500);
+                resp = resp.status(code);
+            } else {
+                resp = resp.header(k, v);
+            }
+        }
+        let stream = tokio_util::io::ReaderStream::new(out);
+        resp.body(Body::from_stream(stream)).context("building git response")
+    }
+}
+
+/// Read one file of a commit, when it exists and is a regular blob of at
+/// most `max` bytes.
+pub async fn read_file(repo: &Path, q: &Quarantine, commit: &str, path: &str, max: u64) -> Result<Option<Vec<u8>>> {
+    let spec = format!("{commit}:{path}");
+    let out = git_q(repo, q, &["cat-file", "-t", &spec]).output().await.context("running git cat-file")?;
+    if !out.status.success() || String::from_utf8_lossy(&out.stdout).trim() != "blob" {
+        return Ok(None);
+    }
+    let size = git_q(repo, q, &["cat-file", "-s", &spec]).output().await.context("running git cat-file")?;
+    let size: u64 = String::from_utf8_lossy(&size.stdout).trim().parse().unwrap_or(u64::MAX);
+    if size > max {
+        bail!("{path} is larger than {max} bytes");
+    }
+    let out = git_q(repo, q, &["cat-file", "blob", &spec]).output().await.context("running git cat-file")?;
+    Ok(Some(out.stdout))
+}
+
+/// Check `commit` out into `dest` (which must not exist yet) as plain files.
+pub async fn archive(repo: &Path, q: &Quarantine, commit: &str, dest: &Path) -> Result<()> {
+    tokio::fs::create_dir_all(dest).await.with_context(|| format!("creating {}", dest.display()))?;
+    let mut git = git_q(repo, q, &["archive", "--format=tar", commit]);
+    git.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut git = git.spawn().context("starting git archive")?;
+    let git_out: Stdio = git
+        .stdout
+        .take()
+        .context("git archive stdout")?
+        .try_into()
+        .context("piping git archive")?;
+    let tar = Command::new("tar")
+        .args(["-x", "--no-same-owner", "--no-same-permissions", "-C"])
+        .arg(dest)
+        .stdin(git_out)
+        .stderr(Stdio::piped())
+        .output();
+    let (git_status, tar_out) = tokio::join!(git.wait_with_output(), tar);
+    let git_out = git_status.context("waiting for git archive")?;
+    let tar_out = tar_out.context("running tar")?;
+    if !git_out.status.success() {
+        bail!("git archive {commit} failed: {}", String::from_utf8_lossy(&git_out.stderr).trim());
+    }
+    if !tar_out.status.success() {
+        bail!("unpacking {commit} failed: {}", String::from_utf8_lossy(&tar_out.stderr).trim());
+    }
+    Ok(())
+}
+
+/// The commit a ref points at, if the ref exists.
+pub async fn resolve(repo: &Path, refname: &str) -> Option<String> {
+    let out = git_q(repo, &Quarantine::default(), &["rev-parse", "--verify", "--quiet", &format!("{refname}^{{commit}}")])
+        .output()
+        .await
+        .ok()?;
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// A short one-line summary of a commit, for release descriptions.
+pub async fn subject(repo: &Path, q: &Quarantine, commit: &str) -> String {
+    match git_q(repo, q, &["log", "-1", "--format=%s", commit]).output().await {
+        Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).trim().chars().take(100).collect(),
+        _ => String::new(),
+    }
+}
+
+fn git_q(repo: &Path, q: &Quarantine, args: &[&str]) -> Command {
+    let mut cmd = Command::new("git");
+    cmd.arg("--git-dir").arg(repo).args(args).stdin(Stdio::null());
+    for var in QUARANTINE_VARS {
+        cmd.env_remove(var);
+    }
+    cmd.envs(q.0.iter().map(|(k, v)| (k, v)));
+    cmd
+}
+
+async fn git(repo: Option<&Path>, args: &[&str], extra: Option<&Path>) -> Result<()> {
+    let mut cmd = Command::new("git");
+    if let Some(r) = repo {
+        cmd.arg("--git-dir").arg(r);
+    }
+    cmd.args(args);
+    if let Some(p) = extra {
+        cmd.arg(p);
+    }
+    let out = cmd.stdin(Stdio::null()).output().await.context("running git")?;
+    if !out.status.success() {
+        bail!("git {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
+}
+
+fn set_mode(path: &Path, mode: u32) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .with_context(|| format!("setting mode of {}", path.display()))
+}

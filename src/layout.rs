@@ -1,0 +1,93 @@
+//! The data directory layout (DESIGN.md, "Data directory").
+//!
+//! Every path slipway reads or writes under `--data` is built here, from
+//! names that `names` has already validated, so no other module joins
+//! user input onto a path.
+
+use std::path::{Path, PathBuf};
+
+use crate::names::AppName;
+
+/// Paths under the data directory. Cheap to clone; holds no open files.
+#[derive(Debug, Clone)]
+pub struct Layout {
+    root: PathBuf,
+}
+
+impl Layout {
+    pub fn new(root: impl Into<PathBuf>) -> Layout {
+        Layout { root: root.into() }
+    }
+
+    /// The default data directory: `/var/lib/slipway` for root, else
+    /// `$XDG_DATA_HOME/slipway` (or `~/.local/share/slipway`).
+    pub fn default_root() -> PathBuf {
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        if unsafe { libc::geteuid() } == 0 {
+            return PathBuf::from("/var/lib/slipway");
+        }
+        if let Some(xdg) = std::env::var_os("XDG_DATA_HOME").filter(|v| !v.is_empty()) {
+            return PathBuf::from(xdg).join("slipway");
+        }
+        let home = std::env::var_os("HOME").unwrap_or_else(|| ".".into());
+        PathBuf::from(home).join(".local/share/slipway")
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+    pub fn db(&self) -> PathBuf {
+        self.root.join("slipway.db")
+    }
+    pub fn admin_token(&self) -> PathBuf {
+        self.root.join("admin-token")
+    }
+    pub fn socket(&self) -> PathBuf {
+        self.root.join("slipway.sock")
+    }
+    pub fn repos(&self) -> PathBuf {
+        self.root.join("repos")
+    }
+    pub fn repo(&self, app: &AppName) -> PathBuf {
+        self.repos().join(format!("{app}.git"))
+    }
+    pub fn app(&self, app: &AppName) -> PathBuf {
+        self.root.join("apps").join(app.as_str())
+    }
+    pub fn releases(&self, app: &AppName) -> PathBuf {
+        self.app(app).join("releases")
+    }
+    pub fn release(&self, app: &AppName, version: u32) -> PathBuf {
+        self.releases(app).join(format!("v{version}"))
+    }
+    pub fn current(&self, app: &AppName) -> PathBuf {
+        self.app(app).join("current")
+    }
+    pub fn app_data(&self, app: &AppName) -> PathBuf {
+        self.app(app).join("data")
+    }
+    pub fn logs(&self, app: &AppName) -> PathBuf {
+        self.app(app).join("logs")
+    }
+    pub fn envs(&self) -> PathBuf {
+        self.root.join("envs")
+    }
+    pub fn env(&self, key: &str) -> PathBuf {
+        self.envs().join(key)
+    }
+    pub fn cache(&self) -> PathBuf {
+        self.root.join("cache")
+    }
+    /// Tools slipway installs for itself (uv when the host lacks it).
+    pub fn tools(&self) -> PathBuf {
+        self.root.join("tools")
+    }
+    /// Pid files of running processes, per app.
+    pub fn run(&self) -> PathBuf {
+        self.root.join("run")
+    }
+    /// Scratch space for work in progress; removed entries never hold state.
+    pub fn tmp(&self) -> PathBuf {
+        self.root.join("tmp")
+    }
+}

@@ -1,0 +1,834 @@
+//! The deploy pipeline (DESIGN.md workflow 1) and everything else that
+//! changes what an app runs: config changes, rollback, restart, scale,
+//! stop/start, destroy, and restoring service when the daemon starts.
+//!
+//! Architecture invariant: the pipeline never leaves an app without a
+//! serving release. New processes are started beside the old ones and
+//! health-checked with the app's own Host header; only then is the route
+//! swapped (one atomic store), the store's live release moved (one
+//! transaction) and the old processes drained and stopped. Any failure
+//! before the swap stops the new processes, removes the new release's tree
+//! and record, and leaves everything as it was.
+//!
+//! One operation at a time per app: each takes the app's lock first, and
+//! a second push waits with a message. Different apps proceed in parallel.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use tracing::Instrument;
+
+use crate::build::Environment;
+use crate::git::{self, Quarantine};
+use crate::manifest::{self, DeployPolicy, Manifest, ProcessSpec};
+use crate::names::{self, AppName};
+use crate::progress::Progress;
+use crate::proxy::{self, Upstream};
+use crate::runtime::{self, ProcessCommand, StepError};
+use crate::server::Platform;
+use crate::store::{Release, ReleaseStatus};
+use crate::supervisor::{Instance, InstanceSpec, State};
+
+const STEP_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+pub const MAX_SCALE: u32 = 50;
+
+/// One line of a push's pre-receive input.
+#[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]
+pub struct RefUpdate {
+    pub old: String,
+    pub new: String,
+    pub name: String,
+}
+
+/// Who asked for an operation, for release records and the event log.
+#[derive(Debug, Clone)]
+pub struct Actor(pub String);
+
+/// Handle a push: check each ref against the deploy policy, deploy the
+/// deployable one, store the rest. An error rejects the whole push.
+pub async fn receive_push(
+    p: &Platform,
+    app: &AppName,
+    actor: &Actor,
+    refs: Vec<RefUpdate>,
+    q: Quarantine,
+    progress: &Progress,
+) -> Result<()> {
+    let repo = p.layout.repo(app);
+    let zero = |s: &str| s.bytes().all(|c| c == b'0');
+    let live = p.store.call({
+        let app = app.clone();
+        move |s| s.live_release(&app)
+    })
+    .await?;
+    let mut target: Option<RefUpdate> = None;
+    for r in refs {
+        names::check_ref(&r.name)?;
+        if !is_object_id(&r.new) || !is_object_id(&r.old) {
+            bail!("malformed ref update for {}", r.name);
+        }
+        if zero(&r.new) {
+            if live.as_ref().is_some_and(|l| l.git_ref == r.name) {
+                bail!("refusing to delete {}: it names the live release", r.name);
+            }
+            progress.info(&format!("{} deleted", r.name));
+            continue;
+        }
+        let manifest = manifest_at(&repo, &q, &r.new).await?;
+        let has_main = git::resolve(&repo, "refs/heads/main").await.is_some();
+        if !deployable(&manifest.deploy, &r.name, has_main) {
+            progress.info(&format!("{} stored, not deployed ({})", r.name, describe_policy(&manifest.deploy)));
+            continue;
+        }
+        if let Some(t) = &target {
+            progress.info(&format!("{} stored, not deployed (this push deploys {})", r.name, t.name));
+            continue;
+        }
+        target = Some(r);
+    }
+    let Some(t) = target else { return Ok(()) };
+    deploy(p, app, actor, &t.new, &t.name, &q, progress).await.map(|_| ())
+}
+
+/// Build and release `commit` as a new version of `app`.
+pub async fn deploy(
+    p: &Platform,
+    app: &AppName,
+    actor: &Actor,
+    commit: &str,
+    git_ref: &str,
+    q: &Quarantine,
+    progress: &Progress,
+) -> Result<u32> {
+    let lock = p.app_lock(app);
+    let _guard = acquire(&lock, app, progress).await;
+    let started = Instant::now();
+    let repo = p.layout.repo(app);
+    let description = git::subject(&repo, q, commit).await;
+    let config = p.store.call({
+        let app = app.clone();
+        move |s| s.config(&app)
+    })
+    .await?;
+    let version = p
+        .store
+        .call({
+            let r = Release {
+                app: app.to_string(),
+                version: 0,
+                tree: 0,
+                commit: commit.to_string(),
+                git_ref: git_ref.to_string(),
+                env_key: None,
+                config,
+                description: if description.is_empty() { "push".into() } else { description },
+                actor: actor.0.clone(),
+                status: ReleaseStatus::Pending,
+                created_at: String::new(),
+            };
+            move |s| s.begin_release(&r)
+        })
+        .await?;
+    let span = tracing::info_span!("deploy", app = %app, release = version);
+    let dir = p.layout.release(app, version);
+    let result = async {
+        progress.step(&format!("deploying {} ({}) as v{version}", short_ref(git_ref), &commit[..commit.len().min(8)]));
+        if dir.exists() {
+            // Left by a daemon that died mid-deploy: not a live tree.
+            tokio::fs::remove_dir_all(&dir).await.context("clearing stale release directory")?;
+        }
+        git::archive(&repo, q, commit, &dir).await?;
+        let manifest = Manifest::load(&dir)?;
+        let rt = p.builder.detect(&dir).await?;
+        match &rt {
+            crate::build::Runtime::Python { deps, interpreter } => progress.step(&format!(
+                "python {} detected ({})",
+                interpreter.version,
+                match deps {
+                    Some(crate::build::PythonDeps::Requirements) => "requirements.txt",
+                    Some(crate::build::PythonDeps::UvLock) => "pyproject.toml + uv.lock",
+                    Some(crate::build::PythonDeps::Pyproject) => "pyproject.toml",
+                    None => "no dependencies",
+                }
+            )),
+            crate::build::Runtime::Generic => progress.step("no runtime detected: running the Procfile as is"),
+        }
+        let t = Instant::now();
+        let env = p.builder.prepare(&dir, &rt, progress).await.context("dependency install failed")?;
+        if let Some(env) = &env {
+            progress.info(&format!("environment ready in {:.1}s", t.elapsed().as_secs_f64()));
+            let (app, key) = (app.clone(), env.key.clone());
+            p.store.call(move |s| s.set_release_env(&app, version, &key)).await?;
+        }
+        let release = p
+            .store
+            .call({
+                let app = app.clone();
+                move |s| s.release(&app, version)
+            })
+            .await?
+            .ok_or_else(|| anyhow!("release v{version} vanished"))?;
+        let step_env = process_env(p, app, &release, env.as_ref(), None);
+        if let Some(cmd) = &manifest.test_command {
+            progress.step(&format!("running tests: {cmd}"));
+            run_step(cmd, &dir, &step_env, progress).await.context("test gate failed")?;
+        }
+        if let Some(cmd) = &manifest.release_command {
+            progress.step(&format!("release phase: {cmd}"));
+            run_step(cmd, &dir, &step_env, progress).await.context("release phase failed")?;
+        }
+        activate(p, app, &release, &manifest, env.as_ref(), progress).await
+    }
+    .instrument(span)
+    .await;
+    finish(p, app, actor, version, true, started, "deploy", result, progress).await
+}
+
+/// A new release with the live code and a changed config.
+pub async fn change_config(
+    p: &Platform,
+    app: &AppName,
+    actor: &Actor,
+    set: BTreeMap<String, String>,
+    unset: Vec<String>,
+    progress: &Progress,
+) -> Result<Option<u32>> {
+    for k in set.keys().chain(unset.iter()) {
+        names::check_config_key(k)?;
+    }
+    if set.values().any(|v| v.len() > 32 * 1024 || v.contains('\0')) {
+        bail!("config values must be at most 32 KiB and hold no NUL byte");
+    }
+    let lock = p.app_lock(app);
+    let _guard = acquire(&lock, app, progress).await;
+    let (mut config, live) = p
+        .store
+        .call({
+            let app = app.clone();
+            move |s| Ok((s.config(&app)?, s.live_release(&app)?))
+        })
+        .await?;
+    for k in &unset {
+        config.remove(k);
+    }
+    config.extend(set.clone());
+    let mut what: Vec<String> = set.keys().map(|k| format!("set {k}")).collect();
+    what.extend(unset.iter().map(|k| format!("unset {k}")));
+    let what = what.join(", ");
+    let Some(live) = live else {
+        // Nothing runs yet: the next deploy picks the config up.
+        let app2 = app.clone();
+        p.store.call(move |s| s.replace_config(&app2, &config)).await?;
+        p.event(Some(app), actor, "config", &what, "ok").await;
+        return Ok(None);
+    };
+    let version = new_release_from(p, app, actor, &live, config.clone(), &format!("config: {what}")).await?;
+    progress.step(&format!("config changed ({what}): releasing v{version}"));
+    let started = Instant::now();
+    let result = relaunch(p, app, version, progress).await;
+    if result.is_ok() {
+        let app2 = app.clone();
+        p.store.call(move |s| s.replace_config(&app2, &config)).await?;
+    }
+    finish(p, app, actor, version, false, started, "config", result, progress).await.map(Some)
+}
+
+/// Release an earlier version's code and config again, as a new version.
+pub async fn rollback(p: &Platform, app: &AppName, actor: &Actor, to: Option<u32>, progress: &Progress) -> Result<u32> {
+    let lock = p.app_lock(app);
+    let _guard = acquire(&lock, app, progress).await;
+    let releases = p.store.call({
+        let app = app.clone();
+        move |s| s.releases(&app)
+    })
+    .await?;
+    let live = releases.iter().find(|r| r.status == ReleaseStatus::Live).ok_or_else(|| anyhow!("{app} has no live release to roll back from"))?;
+    let target = match to {
+        Some(v) => releases.iter().find(|r| r.version == v).ok_or_else(|| anyhow!("{app} has no release v{v}"))?,
+        None => releases
+            .iter()
+            .find(|r| r.version < live.version && r.status == ReleaseStatus::Superseded)
+            .ok_or_else(|| anyhow!("{app} has no earlier release to roll back to"))?,
+    };
+    if target.status == ReleaseStatus::Failed || target.status == ReleaseStatus::Pending {
+        bail!("release v{} of {app} never went live; it cannot be rolled back to", target.version);
+    }
+    if target.version == live.version {
+        bail!("v{} is already live", target.version);
+    }
+    if !p.layout.release(app, target.tree).is_dir() {
+        bail!("the code of v{} was collected; releases kept on disk: see `slipway releases {app}`", target.version);
+    }
+    let version = new_release_from(p, app, actor, target, target.config.clone(), &format!("rollback to v{}", target.version)).await?;
+    progress.step(&format!("rolling back to v{} as v{version}", target.version));
+    let started = Instant::now();
+    let result = relaunch(p, app, version, progress).await;
+    if result.is_ok() {
+        let (app2, config) = (app.clone(), target.config.clone());
+        p.store.call(move |s| s.replace_config(&app2, &config)).await?;
+    }
+    finish(p, app, actor, version, false, started, "rollback", result, progress).await
+}
+
+/// Start fresh processes of the live release (health-checked, switched).
+pub async fn restart(p: &Platform, app: &AppName, actor: &Actor, progress: &Progress) -> Result<()> {
+    let lock = p.app_lock(app);
+    let _guard = acquire(&lock, app, progress).await;
+    let live = live_release(p, app).await?.ok_or_else(|| anyhow!("{app} has no live release"))?;
+    progress.step(&format!("restarting v{}", live.version));
+    let r = relaunch(p, app, live.version, progress).await;
+    p.event(Some(app), actor, "restart", &format!("v{}", live.version), outcome(&r)).await;
+    r
+}
+
+/// Stop all of an app's processes; it answers 503 until started again.
+pub async fn stop(p: &Platform, app: &AppName, actor: &Actor) -> Result<()> {
+    let lock = p.app_lock(app);
+    let _guard = lock.lock().await;
+    p.proxy.set_upstreams(app.as_str(), Vec::new());
+    stop_all(p.supervisor.take_all(app.as_str())).await;
+    p.event(Some(app), actor, "stop", "", "ok").await;
+    Ok(())
+}
+
+/// Change how many instances of each type run, without restarting the
+/// others. New web instances serve only once healthy; removed ones are
+/// taken out of the route, drained, then stopped.
+pub async fn scale(p: &Platform, app: &AppName, actor: &Actor, counts: BTreeMap<String, u32>, progress: &Progress) -> Result<()> {
+    let lock = p.app_lock(app);
+    let _guard = acquire(&lock, app, progress).await;
+    let live = live_release(p, app).await?.ok_or_else(|| anyhow!("{app} has no live release to scale"))?;
+    let dir = p.layout.release(app, live.tree);
+    let manifest = Manifest::load(&dir)?;
+    for (t, n) in &counts {
+        if manifest.process(t).is_none() {
+            bail!("{app} has no process type {t:?} in its Procfile");
+        }
+        if *n > MAX_SCALE {
+            bail!("scale {t}={n} is above the limit of {MAX_SCALE}");
+        }
+    }
+    let env = live.env_key.as_ref().map(|k| Environment { key: k.clone(), dir: p.layout.env(k) });
+    for (ptype, &want) in &counts {
+        let spec = manifest.process(ptype).context("checked above")?;
+        let current: Vec<Arc<Instance>> =
+            p.supervisor.instances(app.as_str()).into_iter().filter(|i| &i.spec.ptype == ptype).collect();
+        let have = current.len() as u32;
+        if want > have {
+            let used: Vec<u32> = current.iter().map(|i| i.spec.index).collect();
+            let indexes: Vec<u32> = (1..).filter(|i| !used.contains(i)).take((want - have) as usize).collect();
+            progress.step(&format!("starting {} more {ptype}", want - have));
+            let started = start_type(p, app, &live, spec, &indexes, env.as_ref(), &manifest, progress).await?;
+            p.supervisor.adopt(app.as_str(), started.clone());
+            if ptype == "web" {
+                let mut ups = p.proxy.upstreams(app.as_str());
+                ups.extend(started.iter().filter_map(upstream_of));
+                p.proxy.set_upstreams(app.as_str(), ups);
+            }
+        } else if want < have {
+            let mut sorted = current;
+            sorted.sort_by_key(|i| std::cmp::Reverse(i.spec.index));
+            let remove: Vec<Arc<Instance>> = sorted.into_iter().take((have - want) as usize).collect();
+            progress.step(&format!("stopping {} {ptype}", have - want));
+            let ports: Vec<u16> = remove.iter().filter_map(|i| i.spec.port).collect();
+            let (gone, kept): (Vec<_>, Vec<_>) =
+                p.proxy.upstreams(app.as_str()).into_iter().partition(|u| ports.contains(&u.addr.port()));
+            p.proxy.set_upstreams(app.as_str(), kept);
+            p.proxy.drain(&gone, DRAIN_TIMEOUT).await;
+            p.supervisor.remove(app.as_str(), &remove);
+            stop_all(remove).await;
+        }
+        let (app2, t2) = (app.clone(), ptype.clone());
+        p.store.call(move |s| s.set_scale(&app2, &t2, want)).await?;
+    }
+    let what = counts.iter().map(|(t, n)| format!("{t}={n}")).collect::<Vec<_>>().join(" ");
+    p.event(Some(app), actor, "scale", &what, "ok").await;
+    Ok(())
+}
+
+/// Bring every app's live release back up, at daemon start.
+pub async fn restore_all(p: &Platform) {
+    let live = match p.store.call(|s| s.live_releases()).await {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "cannot list live releases");
+            return;
+        }
+    };
+    let tasks = live.into_iter().map(|r| async move {
+        let Ok(app) = AppName::parse(&r.app) else { return };
+        p.register_routes(&app).await;
+        let lock = p.app_lock(&app);
+        let _guard = lock.lock().await;
+        if let Err(e) = relaunch(p, &app, r.version, &Progress::default()).await {
+            tracing::error!(app = %app, release = r.version, error = %format!("{e:#}"), "restoring app failed");
+            p.logs.app(&app).write("slipway", &format!("restoring v{} failed: {e:#}", r.version));
+        }
+    });
+    futures_util::future::join_all(tasks).await;
+}
+
+/// Stop everything of an app and remove its repo, releases, data and logs.
+pub async fn destroy(p: &Platform, app: &AppName, actor: &Actor) -> Result<()> {
+    let lock = p.app_lock(app);
+    let _guard = lock.lock().await;
+    p.proxy.remove_app(app.as_str());
+    stop_all(p.supervisor.take_all(app.as_str())).await;
+    let app2 = app.clone();
+    p.store.call(move |s| s.delete_app(&app2)).await?;
+    for dir in [p.layout.repo(app), p.layout.app(app), p.layout.run().join(app.as_str())] {
+        match tokio::fs::remove_dir_all(&dir).await {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("removing {}", dir.display())),
+        }
+    }
+    p.logs.forget(app);
+    collect_envs(p).await;
+    p.event(Some(app), actor, "destroy", "", "ok").await;
+    Ok(())
+}
+
+/// Run `cmd` in the release's directory as a one-off, with its env.
+pub fn one_off_command(p: &Platform, app: &AppName, release: &Release, cmd: &str) -> ProcessCommand {
+    let env = release.env_key.as_ref().map(|k| Environment { key: k.clone(), dir: p.layout.env(k) });
+    ProcessCommand {
+        command: cmd.to_string(),
+        cwd: p.layout.release(app, release.tree),
+        env: process_env(p, app, release, env.as_ref(), None),
+    }
+}
+
+// ---- the shared steps ----
+
+/// Start the processes of release `version` (whose tree and env exist),
+/// gate on health, switch, drain and stop the old ones.
+async fn relaunch(p: &Platform, app: &AppName, version: u32, progress: &Progress) -> Result<()> {
+    let release = p
+        .store
+        .call({
+            let app = app.clone();
+            move |s| s.release(&app, version)
+        })
+        .await?
+        .ok_or_else(|| anyhow!("release v{version} not found"))?;
+    let dir = p.layout.release(app, release.tree);
+    let manifest = Manifest::load(&dir)?;
+    let env = release.env_key.as_ref().map(|k| Environment { key: k.clone(), dir: p.layout.env(k) });
+    if let Some(env) = &env {
+        if !env.dir.is_dir() {
+            bail!("the environment of v{version} is gone; redeploy with `slipway deploy {app}`");
+        }
+    }
+    activate(p, app, &release, &manifest, env.as_ref(), progress).await
+}
+
+async fn activate(
+    p: &Platform,
+    app: &AppName,
+    release: &Release,
+    manifest: &Manifest,
+    env: Option<&Environment>,
+    progress: &Progress,
+) -> Result<()> {
+    let scale = p.store.call({
+        let app = app.clone();
+        move |s| s.scale(&app)
+    })
+    .await?;
+    let count = |t: &str| scale.get(t).copied().unwrap_or(1);
+
+    // 1. Start the new web processes beside the old ones; gate on health.
+    let mut new: Vec<Arc<Instance>> = Vec::new();
+    if let Some(web) = manifest.process("web") {
+        let n = count("web");
+        if n > 0 {
+            progress.step(&format!("starting {n} web process{}", if n == 1 { "" } else { "es" }));
+            let indexes: Vec<u32> = (1..=n).collect();
+            new = start_type(p, app, release, web, &indexes, env, manifest, progress).await?;
+        }
+    }
+
+    // 2. Switch: the link, the route, the record. From here on the new
+    //    release serves.
+    let tree = p.layout.release(app, release.tree);
+    switch_current(&p.layout.current(app), &tree).await?;
+    let old_upstreams = p.proxy.upstreams(app.as_str());
+    p.register_routes(app).await;
+    p.proxy.set_upstreams(app.as_str(), new.iter().filter_map(upstream_of).collect());
+    let (app2, v) = (app.clone(), release.version);
+    p.store.call(move |s| s.mark_live(&app2, v)).await?;
+    progress.step(&format!("switched traffic to v{}", release.version));
+
+    // 3. The other types start now; they take no traffic, so there is
+    //    nothing to gate on, and their old instances stop below.
+    for spec in manifest.processes.iter().filter(|s| s.name != "web") {
+        let indexes: Vec<u32> = (1..=count(&spec.name)).collect();
+        for &i in &indexes {
+            new.push(spawn_instance(p, app, release, spec, i, env, None));
+        }
+    }
+    let old = p.supervisor.swap(app.as_str(), new);
+
+    // 4. Drain: in-flight requests to the old processes finish before
+    //    they get their stop signal.
+    if !old.is_empty() {
+        if !p.proxy.drain(&old_upstreams, DRAIN_TIMEOUT).await {
+            progress.info("old processes still busy after 30s: stopping them anyway");
+        }
+        progress.step(&format!("stopping {} old process{}", old.len(), if old.len() == 1 { "" } else { "es" }));
+        stop_all(old).await;
+    }
+    Ok(())
+}
+
+/// Start instances of one type; for `web`, wait until each answers its
+/// health check, or fail (stopping them) when one crashes or times out.
+#[allow(clippy::too_many_arguments)]
+async fn start_type(
+    p: &Platform,
+    app: &AppName,
+    release: &Release,
+    spec: &ProcessSpec,
+    indexes: &[u32],
+    env: Option<&Environment>,
+    manifest: &Manifest,
+    progress: &Progress,
+) -> Result<Vec<Arc<Instance>>> {
+    let mut started = Vec::new();
+    for &i in indexes {
+        let port = if spec.name == "web" { Some(free_port().context("finding a free port")?) } else { None };
+        started.push(spawn_instance(p, app, release, spec, i, env, port));
+    }
+    if spec.name != "web" {
+        return Ok(started);
+    }
+    let host = p.app_host(app);
+    let checks = started.iter().map(|inst| wait_healthy(inst, &host, &manifest.health_path, manifest.health_timeout));
+    let results = futures_util::future::join_all(checks).await;
+    if let Some(err) = results.into_iter().find_map(|r| r.err()) {
+        stop_all(started).await;
+        return Err(err);
+    }
+    progress.info(&format!("healthy: {} answered {} on {}", host, manifest.health_path, started.len()));
+    Ok(started)
+}
+
+fn spawn_instance(
+    p: &Platform,
+    app: &AppName,
+    release: &Release,
+    spec: &ProcessSpec,
+    index: u32,
+    env: Option<&Environment>,
+    port: Option<u16>,
+) -> Arc<Instance> {
+    let dir = p.layout.release(app, release.tree);
+    p.supervisor.start(
+        InstanceSpec {
+            app: app.to_string(),
+            release: release.version,
+            ptype: spec.name.clone(),
+            index,
+            command: ProcessCommand { command: spec.command.clone(), cwd: dir, env: process_env(p, app, release, env, port) },
+            port,
+            restart: spec.restart,
+            stop_signal: spec.stop_signal,
+            stop_timeout: spec.stop_timeout,
+        },
+        p.logs.app(app),
+    )
+}
+
+async fn wait_healthy(inst: &Instance, host: &str, path: &str, timeout: Duration) -> Result<()> {
+    let port = inst.spec.port.context("web process without a port")?;
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let deadline = Instant::now() + timeout;
+    let mut last;
+    loop {
+        let st = inst.status();
+        if st.restarts > 0 || matches!(st.state, State::Exited | State::Crashed | State::Stopped | State::Backoff) {
+            let exit = st.last_exit.unwrap_or_else(|| "an error".into());
+            return Err(anyhow!(
+                "{} crashed on boot (exited with {exit}); its last output:\n{}",
+                inst.name(),
+                indent(&inst.tail())
+            ));
+        }
+        match proxy::probe(addr, host, path, Duration::from_secs(5)).await {
+            Ok(code) if code.is_success() || code.is_redirection() => return Ok(()),
+            Ok(code) => last = format!("answered {code}"),
+            Err(e) => last = format!("{e:#}"),
+        }
+        if Instant::now() >= deadline {
+            return Err(anyhow!(
+                "{} did not pass its health check (GET {path}, Host {host}) within {}s: {last}; its last output:\n{}",
+                inst.name(),
+                timeout.as_secs(),
+                indent(&inst.tail())
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The environment every process and build step of a release gets.
+fn process_env(p: &Platform, app: &AppName, release: &Release, env: Option<&Environment>, port: Option<u16>) -> Vec<(String, String)> {
+    let data = p.layout.app_data(app);
+    let mut vars: Vec<(String, String)> = vec![
+        ("PATH".into(), p.builder.base_path().to_string()),
+        ("HOME".into(), data.display().to_string()),
+        ("LANG".into(), "C.UTF-8".into()),
+        ("PYTHONUNBUFFERED".into(), "1".into()),
+    ];
+    if let Some(env) = env {
+        vars.extend(env.vars(p.builder.base_path()));
+    }
+    // Config may override the defaults above, never the slipway-owned
+    // variables below.
+    vars.extend(release.config.iter().map(|(k, v)| (k.clone(), v.clone())));
+    vars.push(("SLIPWAY_APP".into(), app.to_string()));
+    vars.push(("SLIPWAY_RELEASE".into(), format!("v{}", release.version)));
+    vars.push(("SLIPWAY_DATA_DIR".into(), data.display().to_string()));
+    if let Some(port) = port {
+        vars.push(("PORT".into(), port.to_string()));
+    }
+    // Later entries win: keep only the last of each name.
+    let mut seen = std::collections::HashSet::new();
+    let mut out: Vec<(String, String)> = vars.into_iter().rev().filter(|(k, _)| seen.insert(k.clone())).collect();
+    out.reverse();
+    out
+}
+
+async fn run_step(cmd: &str, dir: &Path, env: &[(String, String)], progress: &Progress) -> Result<()> {
+    let pc = ProcessCommand { command: cmd.to_string(), cwd: dir.to_path_buf(), env: env.to_vec() };
+    runtime::run_to_end(&pc, progress, STEP_TIMEOUT).await
+}
+
+async fn new_release_from(p: &Platform, app: &AppName, actor: &Actor, base: &Release, config: BTreeMap<String, String>, description: &str) -> Result<u32> {
+    let r = Release {
+        app: app.to_string(),
+        version: 0,
+        tree: base.tree,
+        commit: base.commit.clone(),
+        git_ref: base.git_ref.clone(),
+        env_key: base.env_key.clone(),
+        config,
+        description: description.to_string(),
+        actor: actor.0.clone(),
+        status: ReleaseStatus::Pending,
+        created_at: String::new(),
+    };
+    p.store.call(move |s| s.begin_release(&r)).await
+}
+
+/// Record the outcome of an operation that made release `version`: on
+/// success print the summary and collect old releases; on failure remove
+/// the release (its tree too, when `own_tree`) so nothing half-made stays.
+#[allow(clippy::too_many_arguments)]
+async fn finish(
+    p: &Platform,
+    app: &AppName,
+    actor: &Actor,
+    version: u32,
+    own_tree: bool,
+    started: Instant,
+    action: &str,
+    result: Result<()>,
+    progress: &Progress,
+) -> Result<u32> {
+    let log = p.logs.app(app);
+    match result {
+        Ok(()) => {
+            let secs = started.elapsed().as_secs_f64();
+            progress.step(&format!("v{version} is live at {} ({secs:.1}s)", p.app_url(app)));
+            log.write("slipway", &format!("{action}: v{version} is live ({secs:.1}s)"));
+            p.event(Some(app), actor, action, &format!("v{version}"), "ok").await;
+            if let Err(e) = collect_releases(p, app).await {
+                tracing::warn!(app = %app, error = %format!("{e:#}"), "collecting old releases failed");
+            }
+            Ok(version)
+        }
+        Err(e) => {
+            let reason = describe_failure(&e);
+            progress.step(&format!("{action} failed: {reason}"));
+            progress.info("nothing changed: the previous release keeps serving");
+            log.write("slipway", &format!("{action} of v{version} failed: {}", reason.lines().next().unwrap_or("")));
+            let app2 = app.clone();
+            let _ = p.store.call(move |s| s.delete_release(&app2, version)).await;
+            if own_tree {
+                let _ = tokio::fs::remove_dir_all(p.layout.release(app, version)).await;
+            }
+            collect_envs(p).await;
+            p.event(Some(app), actor, action, &format!("v{version}: {}", reason.lines().next().unwrap_or("")), "failed").await;
+            Err(e)
+        }
+    }
+}
+
+fn describe_failure(e: &anyhow::Error) -> String {
+    // A failed step's own output was streamed as it ran; repeat its last
+    // lines under the reason so the rejection stands on its own.
+    let tail = e.chain().find_map(|c| c.downcast_ref::<StepError>()).map(|s| s.tail().to_vec()).unwrap_or_default();
+    let mut msg = format!("{e:#}");
+    if !tail.is_empty() {
+        let start = tail.len().saturating_sub(10);
+        msg.push_str("; last lines:\n");
+        msg.push_str(&indent(&tail[start..]));
+    }
+    msg
+}
+
+/// Keep the newest releases (and the live one) on disk, remove the rest
+/// and the environments nothing uses any more.
+async fn collect_releases(p: &Platform, app: &AppName) -> Result<()> {
+    let keep = p.keep_releases;
+    let releases = p.store.call({
+        let app = app.clone();
+        move |s| s.releases(&app)
+    })
+    .await?;
+    let kept: Vec<&Release> = releases.iter().filter(|r| r.status != ReleaseStatus::Failed).take(keep).collect();
+    let kept_trees: Vec<u32> = kept.iter().map(|r| r.tree).collect();
+    let drop_versions: Vec<u32> = releases
+        .iter()
+        .filter(|r| !kept.iter().any(|k| k.version == r.version) && r.status != ReleaseStatus::Live)
+        .map(|r| r.version)
+        .collect();
+    if !drop_versions.is_empty() {
+        let app2 = app.clone();
+        p.store.call(move |s| s.delete_releases(&app2, &drop_versions)).await?;
+    }
+    if let Ok(mut entries) = tokio::fs::read_dir(p.layout.releases(app)).await {
+        while let Ok(Some(e)) = entries.next_entry().await {
+            let name = e.file_name().to_string_lossy().to_string();
+            let tree: Option<u32> = name.strip_prefix('v').and_then(|n| n.parse().ok());
+            if let Some(t) = tree {
+                if !kept_trees.contains(&t) && !releases.iter().any(|r| r.tree == t && r.status == ReleaseStatus::Pending) {
+                    let _ = tokio::fs::remove_dir_all(e.path()).await;
+                }
+            }
+        }
+    }
+    collect_envs(p).await;
+    Ok(())
+}
+
+async fn collect_envs(p: &Platform) {
+    let in_use = match p.store.call(|s| s.env_keys_in_use()).await {
+        Ok(k) => k,
+        Err(_) => return,
+    };
+    match p.builder.collect(&in_use) {
+        Ok(removed) if !removed.is_empty() => tracing::info!(count = removed.len(), "collected unused environments"),
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %format!("{e:#}"), "collecting environments failed"),
+    }
+}
+
+/// Point `link` at `target` atomically: a new link beside it, renamed over.
+async fn switch_current(link: &Path, target: &Path) -> Result<()> {
+    let tmp = link.with_extension(format!("tmp-{}", std::process::id()));
+    let _ = tokio::fs::remove_file(&tmp).await;
+    tokio::fs::symlink(target, &tmp).await.context("creating current link")?;
+    tokio::fs::rename(&tmp, link).await.context("switching current link")?;
+    Ok(())
+}
+
+async fn stop_all(instances: Vec<Arc<Instance>>) {
+    futures_util::future::join_all(instances.iter().map(|i| i.stop())).await;
+}
+
+fn upstream_of(inst: &Arc<Instance>) -> Option<Arc<Upstream>> {
+    inst.spec.port.map(|port| Upstream::new(SocketAddr::from(([127, 0, 0, 1], port))))
+}
+
+async fn acquire<'a>(lock: &'a tokio::sync::Mutex<()>, app: &AppName, progress: &Progress) -> tokio::sync::MutexGuard<'a, ()> {
+    match lock.try_lock() {
+        Ok(g) => g,
+        Err(_) => {
+            progress.step(&format!("another operation on {app} is in progress; waiting for it to finish"));
+            lock.lock().await
+        }
+    }
+}
+
+async fn live_release(p: &Platform, app: &AppName) -> Result<Option<Release>> {
+    let app = app.clone();
+    p.store.call(move |s| s.live_release(&app)).await
+}
+
+async fn manifest_at(repo: &Path, q: &Quarantine, commit: &str) -> Result<Manifest> {
+    let read = |f: &'static str| async move {
+        git::read_file(repo, q, commit, f, 64 * 1024)
+            .await
+            .map(|b| b.map(|b| String::from_utf8_lossy(&b).to_string()).unwrap_or_default())
+    };
+    let procfile = read("Procfile").await?;
+    let toml = read("slipway.toml").await?;
+    Ok(Manifest::parse(&procfile, &toml)?)
+}
+
+fn deployable(policy: &DeployPolicy, refname: &str, repo_has_main: bool) -> bool {
+    match policy {
+        DeployPolicy::Branch(Some(b)) => refname == format!("refs/heads/{b}"),
+        DeployPolicy::Branch(None) => refname == "refs/heads/main" || (refname == "refs/heads/master" && !repo_has_main),
+        DeployPolicy::Refs(patterns) => patterns.iter().any(|pat| manifest::ref_matches(pat, refname)),
+    }
+}
+
+fn describe_policy(policy: &DeployPolicy) -> String {
+    match policy {
+        DeployPolicy::Branch(Some(b)) => format!("this app deploys branch {b}"),
+        DeployPolicy::Branch(None) => "this app deploys branch main (or master)".into(),
+        DeployPolicy::Refs(p) => format!("this app deploys {}", p.join(", ")),
+    }
+}
+
+fn short_ref(r: &str) -> &str {
+    r.strip_prefix("refs/heads/").or_else(|| r.strip_prefix("refs/tags/")).unwrap_or(r)
+}
+
+fn is_object_id(s: &str) -> bool {
+    (s.len() == 40 || s.len() == 64) && s.bytes().all(|c| c.is_ascii_hexdigit())
+}
+
+fn indent(lines: &[String]) -> String {
+    lines.iter().map(|l| format!("    {l}")).collect::<Vec<_>>().join("\n")
+}
+
+fn outcome<T>(r: &Result<T>) -> &'static str {
+    if r.is_ok() {
+        "ok"
+    } else {
+        "failed"
+    }
+}
+
+/// A free TCP port on loopback for a new web process.
+fn free_port() -> std::io::Result<u16> {
+    let l = std::net::TcpListener::bind(("127.0.0.1", 0))?;
+    Ok(l.local_addr()?.port())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_policy_prefers_main() {
+        let p = DeployPolicy::Branch(None);
+        assert!(deployable(&p, "refs/heads/main", true));
+        assert!(deployable(&p, "refs/heads/master", false));
+        assert!(!deployable(&p, "refs/heads/master", true));
+        assert!(!deployable(&p, "refs/heads/dev", false));
+        let tags = DeployPolicy::Refs(vec!["refs/tags/release-*".into()]);
+        assert!(deployable(&tags, "refs/tags/release-2", true));
+        assert!(!deployable(&tags, "refs/heads/main", true));
+    }
+}

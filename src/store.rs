@@ -1,0 +1,584 @@
+//! Persistent state in SQLite (bundled, WAL): apps, releases, config,
+//! scale, domains, tokens, keys and the event log.
+//!
+//! Architecture invariant: this is the only module that runs SQL. Callers
+//! get plain structs back. Every method is synchronous and short; async
+//! callers go through [`Store::call`], which runs it on the blocking pool.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use anyhow::{Context, Result};
+use rusqlite::{params, Connection, OptionalExtension};
+use serde::Serialize;
+
+use crate::names::AppName;
+
+#[derive(Clone)]
+pub struct Store {
+    conn: Arc<Mutex<Connection>>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct App {
+    pub name: String,
+    pub created_at: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReleaseStatus {
+    /// Being built or started; never the live release.
+    Pending,
+    /// Serving now. At most one per app.
+    Live,
+    /// Served before, replaced by a later release; can be rolled back to.
+    Superseded,
+    /// Its deploy failed; kept as a record only, its tree is removed.
+    Failed,
+}
+
+impl ReleaseStatus {
+    fn parse(s: &str) -> ReleaseStatus {
+        match s {
+            "live" => ReleaseStatus::Live,
+            "superseded" => ReleaseStatus::Superseded,
+            "failed" => ReleaseStatus::Failed,
+            _ => ReleaseStatus::Pending,
+        }
+    }
+}
+
+/// One release: a code tree plus a config snapshot.
+#[derive(Debug, Clone, Serialize)]
+pub struct Release {
+    pub app: String,
+    pub version: u32,
+    /// The release whose directory holds the code. A config-only release
+    /// or a rollback reuses an earlier tree instead of copying it.
+    pub tree: u32,
+    pub commit: String,
+    pub git_ref: String,
+    pub env_key: Option<String>,
+    pub config: BTreeMap<String, String>,
+    pub description: String,
+    pub actor: String,
+    pub status: ReleaseStatus,
+    pub created_at: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Token {
+    pub name: String,
+    pub app: Option<String>,
+    pub created_at: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Event {
+    pub id: i64,
+    pub at: String,
+    pub app: Option<String>,
+    pub actor: String,
+    pub action: String,
+    pub detail: String,
+    pub outcome: String,
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS apps (
+    name TEXT PRIMARY KEY,
+    created_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS releases (
+    app TEXT NOT NULL REFERENCES apps(name) ON DELETE CASCADE,
+    version INTEGER NOT NULL,
+    tree INTEGER NOT NULL,
+    commit_id TEXT NOT NULL,
+    git_ref TEXT NOT NULL,
+    env_key TEXT,
+    config TEXT NOT NULL,
+    description TEXT NOT NULL,
+    actor TEXT NOT NULL,
+    status TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    PRIMARY KEY (app, version)
+);
+CREATE TABLE IF NOT EXISTS config (
+    app TEXT NOT NULL REFERENCES apps(name) ON DELETE CASCADE,
+    key TEXT NOT NULL,
+    value TEXT NOT NULL,
+    PRIMARY KEY (app, key)
+);
+CREATE TABLE IF NOT EXISTS scale (
+    app TEXT NOT NULL REFERENCES apps(name) ON DELETE CASCADE,
+    ptype TEXT NOT NULL,
+    count INTEGER NOT NULL,
+    PRIMARY KEY (app, ptype)
+);
+CREATE TABLE IF NOT EXISTS domains (
+    host TEXT PRIMARY KEY,
+    app TEXT NOT NULL REFERENCES apps(name) ON DELETE CASCADE
+);
+CREATE TABLE IF NOT EXISTS tokens (
+    name TEXT PRIMARY KEY,
+    hash TEXT NOT NULL UNIQUE,
+    app TEXT,
+    created_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    at TEXT NOT NULL,
+    app TEXT,
+    actor TEXT NOT NULL,
+    action TEXT NOT NULL,
+    detail TEXT NOT NULL,
+    outcome TEXT NOT NULL
+);
+";
+
+fn now() -> String {
+    chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ").to_string()
+}
+
+impl Store {
+    pub fn open(path: &Path) -> Result<Store> {
+        let conn = Connection::open(path)
+            .with_context(|| format!("opening database {}", path.display()))?;
+        conn.execute_batch(
+            "PRAGMA journal_mode = WAL; PRAGMA foreign_keys = ON; PRAGMA busy_timeout = 5000;",
+        )
+        .context("configuring database")?;
+        conn.execute_batch(SCHEMA).context("creating schema")?;
+        Ok(Store { conn: Arc::new(Mutex::new(conn)) })
+    }
+
+    /// Run `f` on the blocking pool, so SQLite never stalls a runtime thread.
+    pub async fn call<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Store) -> Result<T> + Send + 'static,
+    {
+        let store = self.clone();
+        tokio::task::spawn_blocking(move || f(&store))
+            .await
+            .context("store task panicked")?
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&mut Connection) -> rusqlite::Result<T>) -> Result<T> {
+        // A poisoned lock only means another caller panicked mid-call; SQLite
+        // itself rolled back, so the connection is still sound.
+        let mut conn = self.conn.lock().unwrap_or_else(|e| e.into_inner());
+        f(&mut conn).context("database error")
+    }
+
+    // ---- apps ----
+
+    /// Create an app; false when it existed already.
+    pub fn create_app(&self, app: &AppName) -> Result<bool> {
+        self.with(|c| {
+            let n = c.execute(
+                "INSERT OR IGNORE INTO apps (name, created_at) VALUES (?1, ?2)",
+                params![app.as_str(), now()],
+            )?;
+            Ok(n == 1)
+        })
+    }
+
+    pub fn app(&self, app: &AppName) -> Result<Option<App>> {
+        self.with(|c| {
+            c.query_row(
+                "SELECT name, created_at FROM apps WHERE name = ?1",
+                params![app.as_str()],
+                |r| Ok(App { name: r.get(0)?, created_at: r.get(1)? }),
+            )
+            .optional()
+        })
+    }
+
+    pub fn apps(&self) -> Result<Vec<App>> {
+        self.with(|c| {
+            let mut st = c.prepare("SELECT name, created_at FROM apps ORDER BY name")?;
+            let rows = st.query_map([], |r| Ok(App { name: r.get(0)?, created_at: r.get(1)? }))?;
+            rows.collect()
+        })
+    }
+
+    pub fn delete_app(&self, app: &AppName) -> Result<()> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            for table in ["releases", "config", "scale", "domains"] {
+                tx.execute(&format!("DELETE FROM {table} WHERE app = ?1"), params![app.as_str()])?;
+            }
+            tx.execute("DELETE FROM tokens WHERE app = ?1", params![app.as_str()])?;
+            tx.execute("DELETE FROM apps WHERE name = ?1", params![app.as_str()])?;
+            tx.commit()
+        })
+    }
+
+    // ---- config ----
+
+    pub fn config(&self, app: &AppName) -> Result<BTreeMap<String, String>> {
+        self.with(|c| {
+            let mut st = c.prepare("SELECT key, value FROM config WHERE app = ?1")?;
+            let rows = st.query_map(params![app.as_str()], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            rows.collect()
+        })
+    }
+
+    /// Replace the app's whole config (set, unset and rollback all end here).
+    pub fn replace_config(&self, app: &AppName, config: &BTreeMap<String, String>) -> Result<()> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            tx.execute("DELETE FROM config WHERE app = ?1", params![app.as_str()])?;
+            for (k, v) in config {
+                tx.execute(
+                    "INSERT INTO config (app, key, value) VALUES (?1, ?2, ?3)",
+                    params![app.as_str(), k, v],
+                )?;
+            }
+            tx.commit()
+        })
+    }
+
+    // ---- scale ----
+
+    pub fn scale(&self, app: &AppName) -> Result<BTreeMap<String, u32>> {
+        self.with(|c| {
+            let mut st = c.prepare("SELECT ptype, count FROM scale WHERE app = ?1")?;
+            let rows = st.query_map(params![app.as_str()], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            rows.collect()
+        })
+    }
+
+    pub fn set_scale(&self, app: &AppName, ptype: &str, count: u32) -> Result<()> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO scale (app, ptype, count) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (app, ptype) DO UPDATE SET count = excluded.count",
+                params![app.as_str(), ptype, count],
+            )?;
+            Ok(())
+        })
+    }
+
+    // ---- domains ----
+
+    pub fn add_domain(&self, app: &AppName, host: &str) -> Result<bool> {
+        self.with(|c| {
+            let n = c.execute(
+                "INSERT OR IGNORE INTO domains (host, app) VALUES (?1, ?2)",
+                params![host, app.as_str()],
+            )?;
+            Ok(n == 1)
+        })
+    }
+
+    pub fn remove_domain(&self, app: &AppName, host: &str) -> Result<bool> {
+        self.with(|c| {
+            let n = c.execute(
+                "DELETE FROM domains WHERE host = ?1 AND app = ?2",
+                params![host, app.as_str()],
+            )?;
+            Ok(n == 1)
+        })
+    }
+
+    /// Which app owns `host`, if any.
+    pub fn domain_owner(&self, host: &str) -> Result<Option<String>> {
+        self.with(|c| {
+            c.query_row("SELECT app FROM domains WHERE host = ?1", params![host], |r| r.get(0))
+                .optional()
+        })
+    }
+
+    pub fn domains(&self, app: &AppName) -> Result<Vec<String>> {
+        self.with(|c| {
+            let mut st = c.prepare("SELECT host FROM domains WHERE app = ?1 ORDER BY host")?;
+            let rows = st.query_map(params![app.as_str()], |r| r.get(0))?;
+            rows.collect()
+        })
+    }
+
+    // ---- releases ----
+
+    /// Reserve the next version number with a pending record.
+    pub fn begin_release(&self, r: &Release) -> Result<u32> {
+        let config = serde_json::to_string(&r.config).context("encoding config")?;
+        self.with(|c| {
+            let tx = c.transaction()?;
+            let version: u32 = tx.query_row(
+                "SELECT COALESCE(MAX(version), 0) + 1 FROM releases WHERE app = ?1",
+                params![r.app],
+                |row| row.get(0),
+            )?;
+            let tree = if r.tree == 0 { version } else { r.tree };
+            tx.execute(
+                "INSERT INTO releases (app, version, tree, commit_id, git_ref, env_key, config,
+                     description, actor, status, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 'pending', ?10)",
+                params![
+                    r.app, version, tree, r.commit, r.git_ref, r.env_key, config,
+                    r.description, r.actor, now()
+                ],
+            )?;
+            tx.commit()?;
+            Ok(version)
+        })
+    }
+
+    pub fn set_release_env(&self, app: &AppName, version: u32, env_key: &str) -> Result<()> {
+        self.with(|c| {
+            c.execute(
+                "UPDATE releases SET env_key = ?3 WHERE app = ?1 AND version = ?2",
+                params![app.as_str(), version, env_key],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// Make `version` the live release, superseding the previous one, in one
+    /// transaction, so the store never shows zero or two live releases.
+    pub fn mark_live(&self, app: &AppName, version: u32) -> Result<()> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            tx.execute(
+                "UPDATE releases SET status = 'superseded' WHERE app = ?1 AND status = 'live'",
+                params![app.as_str()],
+            )?;
+            tx.execute(
+                "UPDATE releases SET status = 'live' WHERE app = ?1 AND version = ?2",
+                params![app.as_str(), version],
+            )?;
+            tx.commit()
+        })
+    }
+
+    pub fn mark_failed(&self, app: &AppName, version: u32, reason: &str) -> Result<()> {
+        self.with(|c| {
+            c.execute(
+                "UPDATE releases SET status = 'failed', description = description || ' — failed: ' || ?3
+                 WHERE app = ?1 AND version = ?2",
+                params![app.as_str(), version, reason],
+            )?;
+            Ok(())
+        })
+    }
+
+    pub fn releases(&self, app: &AppName) -> Result<Vec<Release>> {
+        self.with(|c| {
+            let mut st = c.prepare(
+                "SELECT app, version, tree, commit_id, git_ref, env_key, config, description,
+                        actor, status, created_at
+                 FROM releases WHERE app = ?1 ORDER BY version DESC",
+            )?;
+            let rows = st.query_map(params![app.as_str()], release_from_row)?;
+            rows.collect()
+        })
+    }
+
+    pub fn release(&self, app: &AppName, version: u32) -> Result<Option<Release>> {
+        self.with(|c| {
+            c.query_row(
+                "SELECT app, version, tree, commit_id, git_ref, env_key, config, description,
+                        actor, status, created_at
+                 FROM releases WHERE app = ?1 AND version = ?2",
+                params![app.as_str(), version],
+                release_from_row,
+            )
+            .optional()
+        })
+    }
+
+    pub fn live_release(&self, app: &AppName) -> Result<Option<Release>> {
+        self.with(|c| {
+            c.query_row(
+                "SELECT app, version, tree, commit_id, git_ref, env_key, config, description,
+                        actor, status, created_at
+                 FROM releases WHERE app = ?1 AND status = 'live'",
+                params![app.as_str()],
+                release_from_row,
+            )
+            .optional()
+        })
+    }
+
+    /// Every app with a live release, for restoring service at start-up.
+    pub fn live_releases(&self) -> Result<Vec<Release>> {
+        self.with(|c| {
+            let mut st = c.prepare(
+                "SELECT app, version, tree, commit_id, git_ref, env_key, config, description,
+                        actor, status, created_at
+                 FROM releases WHERE status = 'live' ORDER BY app",
+            )?;
+            let rows = st.query_map([], release_from_row)?;
+            rows.collect()
+        })
+    }
+
+    /// Env keys used by any release that still has a tree on disk.
+    pub fn env_keys_in_use(&self) -> Result<Vec<String>> {
+        self.with(|c| {
+            let mut st = c.prepare(
+                "SELECT DISTINCT env_key FROM releases
+                 WHERE env_key IS NOT NULL AND status != 'failed'",
+            )?;
+            let rows = st.query_map([], |r| r.get(0))?;
+            rows.collect()
+        })
+    }
+
+    /// Remove a release record (a failed deploy leaves none behind).
+    pub fn delete_release(&self, app: &AppName, version: u32) -> Result<()> {
+        self.delete_releases(app, &[version])
+    }
+
+    pub fn delete_releases(&self, app: &AppName, versions: &[u32]) -> Result<()> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            for v in versions {
+                tx.execute(
+                    "DELETE FROM releases WHERE app = ?1 AND version = ?2 AND status != 'live'",
+                    params![app.as_str(), v],
+                )?;
+            }
+            tx.commit()
+        })
+    }
+
+    // ---- tokens ----
+
+    pub fn add_token(&self, name: &str, hash: &str, app: Option<&AppName>) -> Result<bool> {
+        self.with(|c| {
+            let n = c.execute(
+                "INSERT OR IGNORE INTO tokens (name, hash, app, created_at) VALUES (?1, ?2, ?3, ?4)",
+                params![name, hash, app.map(|a| a.as_str()), now()],
+            )?;
+            Ok(n == 1)
+        })
+    }
+
+    /// The token with this hash: its name and scope.
+    pub fn token_by_hash(&self, hash: &str) -> Result<Option<Token>> {
+        self.with(|c| {
+            c.query_row(
+                "SELECT name, app, created_at FROM tokens WHERE hash = ?1",
+                params![hash],
+                |r| Ok(Token { name: r.get(0)?, app: r.get(1)?, created_at: r.get(2)? }),
+            )
+            .optional()
+        })
+    }
+
+    pub fn tokens(&self) -> Result<Vec<Token>> {
+        self.with(|c| {
+            let mut st = c.prepare("SELECT name, app, created_at FROM tokens ORDER BY name")?;
+            let rows = st.query_map([], |r| {
+                Ok(Token { name: r.get(0)?, app: r.get(1)?, created_at: r.get(2)? })
+            })?;
+            rows.collect()
+        })
+    }
+
+    pub fn revoke_token(&self, name: &str) -> Result<bool> {
+        self.with(|c| Ok(c.execute("DELETE FROM tokens WHERE name = ?1", params![name])? == 1))
+    }
+
+    // ---- events ----
+
+    pub fn record_event(
+        &self,
+        app: Option<&str>,
+        actor: &str,
+        action: &str,
+        detail: &str,
+        outcome: &str,
+    ) -> Result<()> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO events (at, app, actor, action, detail, outcome)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![now(), app, actor, action, detail, outcome],
+            )?;
+            Ok(())
+        })
+    }
+
+    pub fn events(&self, app: Option<&AppName>, limit: u32) -> Result<Vec<Event>> {
+        self.with(|c| {
+            let mut st = c.prepare(
+                "SELECT id, at, app, actor, action, detail, outcome FROM events
+                 WHERE (?1 IS NULL OR app = ?1) ORDER BY id DESC LIMIT ?2",
+            )?;
+            let rows = st.query_map(params![app.map(|a| a.as_str()), limit], |r| {
+                Ok(Event {
+                    id: r.get(0)?,
+                    at: r.get(1)?,
+                    app: r.get(2)?,
+                    actor: r.get(3)?,
+                    action: r.get(4)?,
+                    detail: r.get(5)?,
+                    outcome: r.get(6)?,
+                })
+            })?;
+            rows.collect()
+        })
+    }
+}
+
+fn release_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Release> {
+    let config: String = r.get(6)?;
+    let status: String = r.get(9)?;
+    Ok(Release {
+        app: r.get(0)?,
+        version: r.get(1)?,
+        tree: r.get(2)?,
+        commit: r.get(3)?,
+        git_ref: r.get(4)?,
+        env_key: r.get(5)?,
+        // The column is only ever written from a BTreeMap by begin_release.
+        config: serde_json::from_str(&config).unwrap_or_default(),
+        description: r.get(7)?,
+        actor: r.get(8)?,
+        status: ReleaseStatus::parse(&status),
+        created_at: r.get(10)?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exactly_one_live_release() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let s = Store::open(&dir.path().join("db"))?;
+        let app = AppName::parse("a")?;
+        assert!(s.create_app(&app)?);
+        assert!(!s.create_app(&app)?);
+        let base = Release {
+            app: "a".into(),
+            version: 0,
+            tree: 0,
+            commit: "c".into(),
+            git_ref: "refs/heads/main".into(),
+            env_key: None,
+            config: BTreeMap::new(),
+            description: "push".into(),
+            actor: "admin".into(),
+            status: ReleaseStatus::Pending,
+            created_at: String::new(),
+        };
+        let v1 = s.begin_release(&base)?;
+        let v2 = s.begin_release(&base)?;
+        assert_eq!((v1, v2), (1, 2));
+        s.mark_live(&app, v1)?;
+        s.mark_live(&app, v2)?;
+        let live: Vec<_> = s.releases(&app)?.into_iter().filter(|r| r.status == ReleaseStatus::Live).collect();
+        assert_eq!(live.len(), 1);
+        assert_eq!(live[0].version, 2);
+        assert_eq!(s.release(&app, 1)?.map(|r| r.status), Some(ReleaseStatus::Superseded));
+        Ok(())
+    }
+}
