@@ -61,17 +61,27 @@ pub async fn receive_push(
 ) -> Result<()> {
     let repo = p.layout.repo(app);
     let zero = |s: &str| s.bytes().all(|c| c == b'0');
-    let live = p.store.call({
-        let app = app.clone();
-        move |s| s.live_release(&app)
-    })
-    .await?;
-    let mut target: Option<RefUpdate> = None;
-    for r in refs {
+    for r in &refs {
         names::check_ref(&r.name)?;
         if !is_object_id(&r.new) || !is_object_id(&r.old) {
             bail!("malformed ref update for {}", r.name);
         }
+    }
+    let lock = p.app_lock(app);
+    let _guard = acquire(&lock, app, progress).await;
+    // A push that waited behind another may have been overtaken: git would
+    // refuse its ref update after our deploy, leaving the ref and the live
+    // release disagreeing. Refuse it now, before anything changes.
+    for r in &refs {
+        let current = git::resolve(&repo, &r.name).await;
+        let expected = (!zero(&r.old)).then(|| r.old.clone());
+        if current != expected {
+            bail!("{} moved while this push waited (another push landed first): fetch and push again", r.name);
+        }
+    }
+    let live = live_release(p, app).await?;
+    let mut target: Option<RefUpdate> = None;
+    for r in refs {
         if zero(&r.new) {
             if live.as_ref().is_some_and(|l| l.git_ref == r.name) {
                 bail!("refusing to delete {}: it names the live release", r.name);
@@ -92,7 +102,7 @@ pub async fn receive_push(
         target = Some(r);
     }
     let Some(t) = target else { return Ok(()) };
-    deploy(p, app, actor, &t.new, &t.name, &q, progress).await.map(|_| ())
+    deploy_locked(p, app, actor, &t.new, &t.name, &q, progress).await.map(|_| ())
 }
 
 /// Build and release `commit` as a new version of `app`.
@@ -107,7 +117,21 @@ pub async fn deploy(
 ) -> Result<u32> {
     let lock = p.app_lock(app);
     let _guard = acquire(&lock, app, progress).await;
+    deploy_locked(p, app, actor, commit, git_ref, q, progress).await
+}
+
+/// [`deploy`], for a caller that holds the app's lock.
+async fn deploy_locked(
+    p: &Platform,
+    app: &AppName,
+    actor: &Actor,
+    commit: &str,
+    git_ref: &str,
+    q: &Quarantine,
+    progress: &Progress,
+) -> Result<u32> {
     let started = Instant::now();
+    ensure_app_dirs(p, app).await?;
     let repo = p.layout.repo(app);
     let description = git::subject(&repo, q, commit).await;
     let config = p.store.call({
@@ -419,6 +443,7 @@ async fn relaunch(p: &Platform, app: &AppName, version: u32, progress: &Progress
         .ok_or_else(|| anyhow!("release v{version} not found"))?;
     let dir = p.layout.release(app, release.tree);
     let manifest = Manifest::load(&dir)?;
+    ensure_app_dirs(p, app).await?;
     let env = release.env_key.as_ref().map(|k| Environment { key: k.clone(), dir: p.layout.env(k) });
     if let Some(env) = &env {
         if !env.dir.is_dir() {
@@ -737,6 +762,15 @@ async fn switch_current(link: &Path, target: &Path) -> Result<()> {
     let _ = tokio::fs::remove_file(&tmp).await;
     tokio::fs::symlink(target, &tmp).await.context("creating current link")?;
     tokio::fs::rename(&tmp, link).await.context("switching current link")?;
+    Ok(())
+}
+
+/// The app's persistent data dir (`SLIPWAY_DATA_DIR`, also `HOME`) and
+/// releases dir: made before any step can need them.
+async fn ensure_app_dirs(p: &Platform, app: &AppName) -> Result<()> {
+    for dir in [p.layout.app_data(app), p.layout.releases(app)] {
+        tokio::fs::create_dir_all(&dir).await.with_context(|| format!("creating {}", dir.display()))?;
+    }
     Ok(())
 }
 

@@ -1,0 +1,373 @@
+//! Test helpers: a real `slipway server` in a temp dir on port-0
+//! sockets, real git repos pushed with the real git client, and plain
+//! HTTP requests through the real proxy. Every server is stopped (SIGTERM,
+//! then SIGKILL) when its handle drops, and with it every app process.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_slipway");
+
+/// A shared download cache, so each test's fresh data dir does not fetch
+/// gunicorn again.
+pub fn uv_cache() -> PathBuf {
+    PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("uv-cache")
+}
+
+pub struct TestServer {
+    child: Option<Child>,
+    pub dir: tempfile::TempDir,
+    pub api: String,
+    pub http: String,
+    pub token: String,
+    args: Vec<String>,
+}
+
+impl TestServer {
+    pub fn start() -> TestServer {
+        TestServer::start_with(&[])
+    }
+
+    pub fn start_with(extra: &[&str]) -> TestServer {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let args: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        let mut s = TestServer { child: None, dir, api: String::new(), http: String::new(), token: String::new(), args };
+        s.boot("127.0.0.1:0", "127.0.0.1:0");
+        s
+    }
+
+    pub fn data(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    fn boot(&mut self, api: &str, http: &str) {
+        let mut child = Command::new(BIN)
+            .args(["server", "--data"])
+            .arg(self.data())
+            .args(["--api", api, "--http", http, "--ssh", "127.0.0.1:0", "--domain", "localhost"])
+            .args(&self.args)
+            .env("UV_CACHE_DIR", uv_cache())
+            .env("SLIPWAY_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(std::fs::File::create(self.dir.path().join("server.log")).expect("log file")))
+            .spawn()
+            .expect("start slipway server");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line).expect("read ready line");
+        assert!(line.starts_with("slipway ready"), "server did not start: {line:?}\n{}", self.server_log());
+        let field = |k: &str| {
+            line.split_whitespace()
+                .find_map(|f| f.strip_prefix(&format!("{k}=http://")))
+                .expect("address in ready line")
+                .to_string()
+        };
+        self.api = field("api");
+        self.http = field("http");
+        self.token = std::fs::read_to_string(self.data().join("admin-token")).expect("admin token").trim().to_string();
+        self.child = Some(child);
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    pub fn server_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
+    }
+
+    /// SIGTERM and wait; returns whether it exited within the time.
+    pub fn stop(&mut self) -> bool {
+        let Some(mut child) = self.child.take() else { return true };
+        signal(child.id() as i32, libc::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        false
+    }
+
+    /// kill -9 the daemon (its apps survive it, as after a crash).
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Start again on the same data dir and the same addresses.
+    pub fn restart(&mut self) {
+        let (api, http) = (self.api.clone(), self.http.clone());
+        self.boot(&api, &http);
+    }
+
+    pub fn git_url(&self, app: &str) -> String {
+        self.git_url_with(app, &self.token)
+    }
+
+    pub fn git_url_with(&self, app: &str, token: &str) -> String {
+        format!("http://git:{token}@{}/git/{app}.git", self.api)
+    }
+
+    /// Run the CLI against this server over TCP with the admin token.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        self.cli_with_token(&self.token, args)
+    }
+
+    pub fn cli_with_token(&self, token: &str, args: &[&str]) -> Output {
+        Command::new(BIN)
+            .args(args)
+            .env("SLIPWAY_URL", format!("http://{}", self.api))
+            .env("SLIPWAY_TOKEN", token)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run slipway cli")
+    }
+
+    /// The CLI must succeed; returns its stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "slipway {args:?} failed:\n{}{}\nserver log:\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            tail(&self.server_log(), 30)
+        );
+        String::from_utf8_lossy(&out.stdout).to_string()
+    }
+
+    pub fn json(&self, args: &[&str]) -> serde_json::Value {
+        serde_json::from_str(&self.ok(args)).expect("json output")
+    }
+
+    /// GET through the proxy with `Host: APP.localhost`.
+    pub fn get(&self, app: &str, path: &str) -> (u16, String) {
+        http_request(&self.http, "GET", &format!("{app}.localhost"), path, &[], "")
+    }
+
+    /// Poll until `app` serves a body containing `needle`.
+    pub fn wait_body(&self, app: &str, needle: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let (code, body) = self.get(app, "/");
+            if code == 200 && body.contains(needle) {
+                return body;
+            }
+            assert!(Instant::now() < deadline, "{app} never served {needle:?}; last: {code} {body}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The pids of the app's processes, from `ps --json`.
+    pub fn pids(&self, app: &str) -> Vec<i32> {
+        self.json(&["ps", app, "--json"])
+            .as_array()
+            .expect("ps rows")
+            .iter()
+            .filter_map(|r| r["pid"].as_i64().map(|p| p as i32))
+            .collect()
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+pub fn signal(pid: i32, sig: i32) {
+    // SAFETY: kill(2) has no memory-safety preconditions.
+    unsafe {
+        libc::kill(pid, sig);
+    }
+}
+
+pub fn alive(pid: i32) -> bool {
+    // A zombie still answers kill(0); count it as gone.
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'),
+        Err(_) => false,
+    }
+}
+
+/// A plain HTTP/1.1 request (Connection: close); returns status and body.
+pub fn http_request(addr: &str, method: &str, host: &str, path: &str, headers: &[(&str, &str)], body: &str) -> (u16, String) {
+    let Ok(mut s) = TcpStream::connect(addr) else { return (0, "connect failed".into()) };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    req.push_str(body);
+    if s.write_all(req.as_bytes()).is_err() {
+        return (0, "write failed".into());
+    }
+    let mut raw = Vec::new();
+    let _ = s.read_to_end(&mut raw);
+    let text = String::from_utf8_lossy(&raw).to_string();
+    let code = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") { dechunk(body) } else { body.to_string() };
+    (code, body)
+}
+
+fn dechunk(mut s: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = s.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        s = rest[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+/// A git work tree holding an app, committed and ready to push.
+pub struct AppRepo {
+    pub dir: tempfile::TempDir,
+}
+
+impl AppRepo {
+    pub fn new(files: &[(&str, &str)]) -> AppRepo {
+        let repo = AppRepo { dir: tempfile::tempdir().expect("temp dir") };
+        repo.git(&["init", "-q", "-b", "main"]);
+        for (path, content) in files {
+            repo.write(path, content);
+        }
+        repo.commit("initial");
+        repo
+    }
+
+    /// A copy of one of the bundled examples.
+    pub fn example(name: &str) -> AppRepo {
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples").join(name);
+        let repo = AppRepo { dir: tempfile::tempdir().expect("temp dir") };
+        copy_tree(&src, repo.dir.path());
+        repo.git(&["init", "-q", "-b", "main"]);
+        repo.commit("initial");
+        repo
+    }
+
+    /// The minimal gunicorn app: `hello $GREETING`, or `{greeting}` text.
+    pub fn hello(text: &str) -> AppRepo {
+        AppRepo::new(&[
+            ("requirements.txt", "gunicorn==27.0.1\n"),
+            ("Procfile", "web: gunicorn app:app --bind 127.0.0.1:$PORT --workers 1\n"),
+            ("app.py", &hello_app(text)),
+        ])
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn write(&self, path: &str, content: &str) {
+        let p = self.dir.path().join(path);
+        if let Some(parent) = p.parent() {
+            std::fs::create_dir_all(parent).expect("mkdir");
+        }
+        std::fs::write(p, content).expect("write file");
+    }
+
+    pub fn remove(&self, path: &str) {
+        std::fs::remove_file(self.dir.path().join(path)).expect("remove file");
+    }
+
+    pub fn commit(&self, msg: &str) {
+        self.git(&["add", "-A"]);
+        self.git(&["-c", "user.email=t@example.com", "-c", "user.name=tester", "commit", "-q", "--allow-empty", "-m", msg]);
+    }
+
+    pub fn head(&self) -> String {
+        String::from_utf8_lossy(&self.git(&["rev-parse", "HEAD"]).stdout).trim().to_string()
+    }
+
+    pub fn git(&self, args: &[&str]) -> Output {
+        let out = Command::new("git").args(args).current_dir(self.dir.path()).output().expect("git");
+        assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        out
+    }
+
+    /// `git push URL REFSPEC`; returns (success, combined output).
+    pub fn push(&self, url: &str, refspec: &str) -> (bool, String) {
+        let out = Command::new("git")
+            .args(["push", url, refspec])
+            .current_dir(self.dir.path())
+            .env("GIT_TERMINAL_PROMPT", "0")
+            .stdin(Stdio::null())
+            .output()
+            .expect("git push");
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        (out.status.success(), text)
+    }
+
+    /// Push `main` to the server's app; it must deploy.
+    pub fn deploy(&self, server: &TestServer, app: &str) -> String {
+        let (ok, out) = self.push(&server.git_url(app), "main");
+        assert!(ok, "push to {app} failed:\n{out}\nserver log:\n{}", tail(&server.server_log(), 30));
+        out
+    }
+
+    /// Push `main`; it must be rejected. Returns git's output.
+    pub fn deploy_rejected(&self, server: &TestServer, app: &str) -> String {
+        let (ok, out) = self.push(&server.git_url(app), "main");
+        assert!(!ok, "push to {app} should have been rejected:\n{out}");
+        assert!(out.contains("[remote rejected]"), "no rejection line:\n{out}");
+        out
+    }
+}
+
+pub fn hello_app(text: &str) -> String {
+    format!(
+        "import os\n\
+         def app(environ, start_response):\n\
+         \x20   body = ('{text} ' + os.environ.get('GREETING', 'world') + '\\n').encode()\n\
+         \x20   start_response('200 OK', [('Content-Type', 'text/plain'), ('Content-Length', str(len(body)))])\n\
+         \x20   return [body]\n"
+    )
+}
+
+fn copy_tree(src: &Path, dst: &Path) {
+    for entry in std::fs::read_dir(src).expect("read example") {
+        let entry = entry.expect("entry");
+        let name = entry.file_name();
+        if name == "__pycache__" || name.to_string_lossy().ends_with(".sqlite3") {
+            continue;
+        }
+        let to = dst.join(&name);
+        if entry.file_type().expect("type").is_dir() {
+            std::fs::create_dir_all(&to).expect("mkdir");
+            copy_tree(&entry.path(), &to);
+        } else {
+            std::fs::copy(entry.path(), &to).expect("copy");
+        }
+    }
+}
+
+pub fn tail(s: &str, n: usize) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// Entries of a directory (names), empty when it does not exist.
+pub fn ls(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .map(|rd| rd.flatten().map(|e| e.file_name().to_string_lossy().to_string()).collect())
+        .unwrap_or_default();
+    v.sort();
+    v
+}
