@@ -820,8 +820,10 @@ async fn pre_receive(State(p): State<Shared>, Extension(t): Extension<Transport>
             .filter(|(k, _)| crate::git::QUARANTINE_VARS.contains(&k.as_str()))
             .collect(),
     );
+    let id = req.push;
     Ok(operation(move |progress| async move {
-        release::receive_push(&p, &push.app, &Actor(push.actor.clone()), req.refs, q, &progress).await?;
+        let guard = release::receive_push(&p, &push.app, &Actor(push.actor.clone()), req.refs, q, &progress).await?;
+        p.hold_until_push_ends(&id, guard);
         Ok(json!({}))
     }))
 }

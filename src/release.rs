@@ -37,6 +37,16 @@ const STEP_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 pub const MAX_SCALE: u32 = 50;
 
+/// Marks an error whose failure the pipeline has already reported.
+#[derive(Debug)]
+struct DeployFailed;
+
+impl std::fmt::Display for DeployFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("deploy failed")
+    }
+}
+
 /// One line of a push's pre-receive input.
 #[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]
 pub struct RefUpdate {
@@ -49,9 +59,37 @@ pub struct RefUpdate {
 #[derive(Debug, Clone)]
 pub struct Actor(pub String);
 
+/// The app's lock, held for the length of an operation.
+pub type AppGuard = tokio::sync::OwnedMutexGuard<()>;
+
 /// Handle a push: check each ref against the deploy policy, deploy the
 /// deployable one, store the rest. An error rejects the whole push.
+///
+/// On success the app's lock is handed back: git updates the refs only
+/// after this hook returns, so the caller must hold the lock until
+/// receive-pack has finished, or the next push could check its refs
+/// against values that are about to change.
 pub async fn receive_push(
+    p: &Platform,
+    app: &AppName,
+    actor: &Actor,
+    refs: Vec<RefUpdate>,
+    q: Quarantine,
+    progress: &Progress,
+) -> Result<AppGuard> {
+    let guard = acquire(p, app, progress).await;
+    let result = receive_locked(p, app, actor, refs, q, progress).await;
+    if let Err(e) = &result {
+        // Pipeline failures said so already; this covers refusals before it.
+        if e.downcast_ref::<DeployFailed>().is_none() {
+            progress.step(&format!("push refused: {e:#}"));
+            progress.info("nothing changed: the previous release keeps serving");
+        }
+    }
+    result.map(|()| guard)
+}
+
+async fn receive_locked(
     p: &Platform,
     app: &AppName,
     actor: &Actor,
@@ -67,8 +105,6 @@ pub async fn receive_push(
             bail!("malformed ref update for {}", r.name);
         }
     }
-    let lock = p.app_lock(app);
-    let _guard = acquire(&lock, app, progress).await;
     // A push that waited behind another may have been overtaken: git would
     // refuse its ref update after our deploy, leaving the ref and the live
     // release disagreeing. Refuse it now, before anything changes.
@@ -115,8 +151,7 @@ pub async fn deploy(
     q: &Quarantine,
     progress: &Progress,
 ) -> Result<u32> {
-    let lock = p.app_lock(app);
-    let _guard = acquire(&lock, app, progress).await;
+    let _guard = acquire(p, app, progress).await;
     deploy_locked(p, app, actor, commit, git_ref, q, progress).await
 }
 
@@ -228,8 +263,7 @@ pub async fn change_config(
     if set.values().any(|v| v.len() > 32 * 1024 || v.contains('\0')) {
         bail!("config values must be at most 32 KiB and hold no NUL byte");
     }
-    let lock = p.app_lock(app);
-    let _guard = acquire(&lock, app, progress).await;
+    let _guard = acquire(p, app, progress).await;
     let (mut config, live) = p
         .store
         .call({
@@ -264,8 +298,7 @@ pub async fn change_config(
 
 /// Release an earlier version's code and config again, as a new version.
 pub async fn rollback(p: &Platform, app: &AppName, actor: &Actor, to: Option<u32>, progress: &Progress) -> Result<u32> {
-    let lock = p.app_lock(app);
-    let _guard = acquire(&lock, app, progress).await;
+    let _guard = acquire(p, app, progress).await;
     let releases = p.store.call({
         let app = app.clone();
         move |s| s.releases(&app)
@@ -301,8 +334,7 @@ pub async fn rollback(p: &Platform, app: &AppName, actor: &Actor, to: Option<u32
 
 /// Start fresh processes of the live release (health-checked, switched).
 pub async fn restart(p: &Platform, app: &AppName, actor: &Actor, progress: &Progress) -> Result<()> {
-    let lock = p.app_lock(app);
-    let _guard = acquire(&lock, app, progress).await;
+    let _guard = acquire(p, app, progress).await;
     let live = live_release(p, app).await?.ok_or_else(|| anyhow!("{app} has no live release"))?;
     progress.step(&format!("restarting v{}", live.version));
     let r = relaunch(p, app, live.version, progress).await;
@@ -312,8 +344,7 @@ pub async fn restart(p: &Platform, app: &AppName, actor: &Actor, progress: &Prog
 
 /// Stop all of an app's processes; it answers 503 until started again.
 pub async fn stop(p: &Platform, app: &AppName, actor: &Actor) -> Result<()> {
-    let lock = p.app_lock(app);
-    let _guard = lock.lock().await;
+    let _guard = p.app_lock(app).lock_owned().await;
     p.proxy.set_upstreams(app.as_str(), Vec::new());
     stop_all(p.supervisor.take_all(app.as_str())).await;
     p.event(Some(app), actor, "stop", "", "ok").await;
@@ -324,8 +355,7 @@ pub async fn stop(p: &Platform, app: &AppName, actor: &Actor) -> Result<()> {
 /// others. New web instances serve only once healthy; removed ones are
 /// taken out of the route, drained, then stopped.
 pub async fn scale(p: &Platform, app: &AppName, actor: &Actor, counts: BTreeMap<String, u32>, progress: &Progress) -> Result<()> {
-    let lock = p.app_lock(app);
-    let _guard = acquire(&lock, app, progress).await;
+    let _guard = acquire(p, app, progress).await;
     let live = live_release(p, app).await?.ok_or_else(|| anyhow!("{app} has no live release to scale"))?;
     let dir = p.layout.release(app, live.tree);
     let manifest = Manifest::load(&dir)?;
@@ -387,8 +417,7 @@ pub async fn restore_all(p: &Platform) {
     let tasks = live.into_iter().map(|r| async move {
         let Ok(app) = AppName::parse(&r.app) else { return };
         p.register_routes(&app).await;
-        let lock = p.app_lock(&app);
-        let _guard = lock.lock().await;
+        let _guard = p.app_lock(&app).lock_owned().await;
         if let Err(e) = relaunch(p, &app, r.version, &Progress::default()).await {
             tracing::error!(app = %app, release = r.version, error = %format!("{e:#}"), "restoring app failed");
             p.logs.app(&app).write("slipway", &format!("restoring v{} failed: {e:#}", r.version));
@@ -399,8 +428,7 @@ pub async fn restore_all(p: &Platform) {
 
 /// Stop everything of an app and remove its repo, releases, data and logs.
 pub async fn destroy(p: &Platform, app: &AppName, actor: &Actor) -> Result<()> {
-    let lock = p.app_lock(app);
-    let _guard = lock.lock().await;
+    let _guard = p.app_lock(app).lock_owned().await;
     p.proxy.remove_app(app.as_str());
     stop_all(p.supervisor.take_all(app.as_str())).await;
     let app2 = app.clone();
@@ -598,7 +626,9 @@ async fn wait_healthy(inst: &Instance, host: &str, path: &str, timeout: Duration
                 indent(&inst.tail())
             ));
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        // Most app servers bind within a few hundred ms; a short interval
+        // keeps a code-only deploy close to the app's own boot time.
+        tokio::time::sleep(Duration::from_millis(15)).await;
     }
 }
 
@@ -691,7 +721,7 @@ async fn finish(
             }
             collect_envs(p).await;
             p.event(Some(app), actor, action, &format!("v{version}: {}", reason.lines().next().unwrap_or("")), "failed").await;
-            Err(e)
+            Err(e.context(DeployFailed))
         }
     }
 }
@@ -782,12 +812,14 @@ fn upstream_of(inst: &Arc<Instance>) -> Option<Arc<Upstream>> {
     inst.spec.port.map(|port| Upstream::new(SocketAddr::from(([127, 0, 0, 1], port))))
 }
 
-async fn acquire<'a>(lock: &'a tokio::sync::Mutex<()>, app: &AppName, progress: &Progress) -> tokio::sync::MutexGuard<'a, ()> {
-    match lock.try_lock() {
+/// Take the app's lock, saying so when another operation holds it.
+async fn acquire(p: &Platform, app: &AppName, progress: &Progress) -> AppGuard {
+    let lock = p.app_lock(app);
+    match lock.clone().try_lock_owned() {
         Ok(g) => g,
         Err(_) => {
             progress.step(&format!("another operation on {app} is in progress; waiting for it to finish"));
-            lock.lock().await
+            lock.lock_owned().await
         }
     }
 }

@@ -48,7 +48,7 @@ pub struct Platform {
     pub keep_releases: usize,
     app_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Pushes under way, by the id handed to their hook.
-    pushes: Mutex<HashMap<String, Push>>,
+    pushes: Mutex<HashMap<String, PushEntry>>,
 }
 
 /// Who is pushing to which app, registered for the duration of one push.
@@ -56,6 +56,13 @@ pub struct Platform {
 pub struct Push {
     pub app: AppName,
     pub actor: String,
+}
+
+struct PushEntry {
+    push: Push,
+    /// The app's lock, once the push's deploy succeeded: held until
+    /// receive-pack has updated the refs and the push ends.
+    held: Option<crate::release::AppGuard>,
 }
 
 impl Platform {
@@ -99,12 +106,19 @@ impl Platform {
 
     pub fn register_push(&self, push: Push) -> String {
         let id = auth::generate_token();
-        self.pushes.lock().unwrap_or_else(|e| e.into_inner()).insert(id.clone(), push);
+        self.pushes.lock().unwrap_or_else(|e| e.into_inner()).insert(id.clone(), PushEntry { push, held: None });
         id
     }
 
     pub fn push(&self, id: &str) -> Option<Push> {
-        self.pushes.lock().unwrap_or_else(|e| e.into_inner()).get(id).cloned()
+        self.pushes.lock().unwrap_or_else(|e| e.into_inner()).get(id).map(|e| e.push.clone())
+    }
+
+    /// Keep the app locked until the push ends.
+    pub fn hold_until_push_ends(&self, id: &str, guard: crate::release::AppGuard) {
+        if let Some(e) = self.pushes.lock().unwrap_or_else(|e| e.into_inner()).get_mut(id) {
+            e.held = Some(guard);
+        }
     }
 
     pub fn end_push(&self, id: &str) {

@@ -115,8 +115,8 @@ pub async fn dispatch(cli: Cli) -> Result<i32> {
             }
             table(&v, json, &[("live", ""), ("version", "RELEASE"), ("commit", "COMMIT"), ("status", "STATUS"), ("actor", "BY"), ("created_at", "WHEN"), ("description", "DESCRIPTION")]);
         }
-        Command::Rollback { app, version } => {
-            let body = json!({ "version": version });
+        Command::Rollback { app, release } => {
+            let body = json!({ "version": release });
             api.operation(Method::POST, &format!("/api/apps/{}/rollback", seg(&app)), Some(&body), progress).await?;
         }
         Command::Deploy { app, git_ref } => {

@@ -57,7 +57,11 @@ pub enum Command {
         json: bool,
     },
     /// Release an earlier version's code and config again
-    Rollback { app: String, version: Option<String> },
+    Rollback {
+        app: String,
+        #[arg(value_name = "vN")]
+        release: Option<String>,
+    },
     /// Rebuild and redeploy a ref that was already pushed
     Deploy {
         app: String,

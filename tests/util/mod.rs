@@ -371,3 +371,74 @@ pub fn ls(dir: &Path) -> Vec<String> {
     v.sort();
     v
 }
+
+/// One HTTP/1.1 connection reused for many requests (keep-alive), as a
+/// browser or a load balancer would. Reconnects only when the server
+/// closed it between requests, and counts that.
+pub struct KeepAlive {
+    addr: String,
+    conn: Option<std::io::BufReader<TcpStream>>,
+}
+
+impl KeepAlive {
+    pub fn new(addr: &str) -> KeepAlive {
+        KeepAlive { addr: addr.to_string(), conn: None }
+    }
+
+    pub fn get(&mut self, host: &str, path: &str) -> (u16, String) {
+        if self.conn.is_none() {
+            match TcpStream::connect(&self.addr) {
+                Ok(s) => {
+                    let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
+                    self.conn = Some(std::io::BufReader::new(s));
+                }
+                Err(e) => return (0, format!("connect: {e}")),
+            }
+        }
+        let result = self.exchange(host, path);
+        if result.0 == 0 {
+            self.conn = None;
+        }
+        result
+    }
+
+    fn exchange(&mut self, host: &str, path: &str) -> (u16, String) {
+        let Some(conn) = self.conn.as_mut() else { return (0, "no connection".into()) };
+        let req = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n");
+        if let Err(e) = conn.get_mut().write_all(req.as_bytes()) {
+            return (0, format!("write: {e}"));
+        }
+        let mut status = String::new();
+        if conn.read_line(&mut status).unwrap_or(0) == 0 {
+            return (0, "connection closed before the response".into());
+        }
+        let code: u16 = status.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+        let mut len = 0usize;
+        let mut close = false;
+        loop {
+            let mut h = String::new();
+            if conn.read_line(&mut h).unwrap_or(0) == 0 {
+                return (0, "connection closed in headers".into());
+            }
+            let h = h.trim_end();
+            if h.is_empty() {
+                break;
+            }
+            let lower = h.to_ascii_lowercase();
+            if let Some(v) = lower.strip_prefix("content-length:") {
+                len = v.trim().parse().unwrap_or(0);
+            }
+            if lower.starts_with("connection:") && lower.contains("close") {
+                close = true;
+            }
+        }
+        let mut body = vec![0u8; len];
+        if conn.read_exact(&mut body).is_err() {
+            return (0, "connection closed in body".into());
+        }
+        if close {
+            self.conn = None;
+        }
+        (code, String::from_utf8_lossy(&body).to_string())
+    }
+}

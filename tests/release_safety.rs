@@ -1,0 +1,371 @@
+//! Release safety: a deploy either completes fully, with no failed
+//! request, or changes nothing (issue 3).
+
+mod util;
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use util::*;
+
+/// What must hold after a rejected deploy: the same process serves the
+/// same body, the release list and the trees on disk are as before, and
+/// no environment was left half-built.
+struct Before {
+    pids: Vec<i32>,
+    body: String,
+    releases: serde_json::Value,
+    trees: Vec<String>,
+    envs: Vec<String>,
+}
+
+fn snapshot(server: &TestServer, app: &str) -> Before {
+    Before {
+        pids: server.pids(app),
+        body: server.get(app, "/").1,
+        releases: server.json(&["releases", app, "--json"]),
+        trees: ls(&server.data().join(format!("apps/{app}/releases"))),
+        envs: ls(&server.data().join("envs")),
+    }
+}
+
+fn assert_unchanged(server: &TestServer, app: &str, before: &Before) {
+    let after = snapshot(server, app);
+    assert_eq!(after.body, before.body, "the old release must keep serving");
+    assert_eq!(after.pids, before.pids, "the old process must be the one serving, and alone");
+    assert_eq!(after.releases, before.releases, "no release may be recorded");
+    assert_eq!(after.trees, before.trees, "no release tree may be left behind");
+    assert_eq!(after.envs, before.envs, "no environment may be left behind");
+    for pid in &before.pids {
+        assert!(alive(*pid));
+    }
+}
+
+/// Deploy the hello app, then push `change` on top; it must be rejected
+/// with `reason`, leaving everything as it was.
+fn rejected_with(app: &str, change: impl FnOnce(&AppRepo), reason: &str) -> String {
+    let server = TestServer::start();
+    let repo = AppRepo::hello("hello");
+    repo.deploy(&server, app);
+    let before = snapshot(&server, app);
+    change(&repo);
+    repo.commit("broken change");
+    let out = repo.deploy_rejected(&server, app);
+    assert!(out.contains(reason), "expected {reason:?} in:\n{out}");
+    assert!(out.contains("nothing changed: the previous release keeps serving"), "{out}");
+    assert_unchanged(&server, app, &before);
+    // The repo's ref still names the live commit.
+    let live = server.json(&["releases", app, "--json"])[0]["commit"].clone();
+    let ls_remote = std::process::Command::new("git")
+        .args(["ls-remote", &server.git_url(app), "refs/heads/main"])
+        .output()
+        .expect("ls-remote");
+    assert!(String::from_utf8_lossy(&ls_remote.stdout).starts_with(live.as_str().unwrap_or("?")));
+    out
+}
+
+#[test]
+fn uninstallable_dependency_keeps_old_release() {
+    let out = rejected_with(
+        "deps",
+        |r| r.write("requirements.txt", "gunicorn==27.0.1\nslipway-no-such-package-xyz==9.9.9\n"),
+        "dependency install failed",
+    );
+    assert!(out.contains("slipway-no-such-package-xyz"), "the failing line must be shown:\n{out}");
+}
+
+#[test]
+fn failing_test_gate_keeps_old_release() {
+    let out = rejected_with(
+        "gate",
+        |r| r.write("slipway.toml", "[test]\ncommand = \"python -c 'import sys; print(\\\"assertion boom\\\"); sys.exit(1)'\"\n"),
+        "test gate failed",
+    );
+    assert!(out.contains("assertion boom"), "{out}");
+}
+
+#[test]
+fn failing_release_phase_keeps_old_release() {
+    let out = rejected_with(
+        "migrate",
+        |r| r.write("Procfile", "web: gunicorn app:app --bind 127.0.0.1:$PORT\nrelease: echo migration exploded; exit 3\n"),
+        "release phase failed",
+    );
+    assert!(out.contains("exited with code 3") && out.contains("migration exploded"), "{out}");
+}
+
+#[test]
+fn crash_on_boot_keeps_old_release() {
+    let out = rejected_with(
+        "crashy",
+        |r| r.write("app.py", "raise RuntimeError('bad import at boot')\n"),
+        "web.1 crashed on boot",
+    );
+    assert!(out.contains("bad import at boot"), "the crash's own output must be shown:\n{out}");
+}
+
+#[test]
+fn never_healthy_keeps_old_release() {
+    let out = rejected_with(
+        "sick",
+        |r| {
+            r.write(
+                "app.py",
+                "def app(environ, start_response):\n    start_response('500 Internal Server Error', [])\n    return [b'sick']\n",
+            );
+            r.write("slipway.toml", "[healthcheck]\npath = \"/ready\"\ntimeout = \"2s\"\n");
+        },
+        "did not pass its health check (GET /ready, Host sick.localhost) within 2s: answered 500",
+    );
+    assert!(out.contains("deploy failed"), "{out}");
+}
+
+#[test]
+fn missing_interpreter_is_refused_and_keeps_old_release() {
+    rejected_with(
+        "pinned",
+        |r| r.write(".python-version", "3.99\n"),
+        "python 3.99 is not available on this server",
+    );
+}
+
+#[test]
+fn broken_slipway_toml_is_refused_with_the_key() {
+    rejected_with("tomlish", |r| r.write("slipway.toml", "[healthcheck]\npaht = \"/\"\n"), "unknown field `paht`");
+}
+
+#[test]
+fn health_check_uses_the_apps_own_host_header() {
+    // Like Django's ALLOWED_HOSTS: anything but the app's host gets 400.
+    let app = "def app(environ, start_response):\n    ok = environ.get('HTTP_HOST', '').split(':')[0] == 'strict.localhost'\n    start_response('200 OK' if ok else '400 Bad Request', [])\n    return [b'strict ok\\n' if ok else b'bad host']\n";
+    let server = TestServer::start();
+    let repo = AppRepo::new(&[
+        ("requirements.txt", "gunicorn==27.0.1\n"),
+        ("Procfile", "web: gunicorn app:app --bind 127.0.0.1:$PORT\n"),
+        ("app.py", app),
+        ("slipway.toml", "[healthcheck]\ntimeout = \"5s\"\n"),
+    ]);
+    repo.deploy(&server, "strict");
+    assert_eq!(server.get("strict", "/"), (200, "strict ok\n".to_string()));
+}
+
+/// The hello app, plus `/slow`, which takes 400 ms: requests in flight
+/// when the route switches must finish on the old process.
+fn slow_hello(text: &str) -> String {
+    format!(
+        "import time\n{}\nhello = app\ndef app(environ, start_response):\n    if environ['PATH_INFO'] == '/slow':\n        time.sleep(0.4)\n    return hello(environ, start_response)\n",
+        hello_app(text)
+    )
+}
+
+#[test]
+fn no_request_fails_during_deploys_under_load() {
+    let server = Arc::new(TestServer::start());
+    let repo = AppRepo::hello("v0");
+    repo.write("app.py", &slow_hello("v0"));
+    repo.write("Procfile", "web: gunicorn app:app --bind 127.0.0.1:$PORT --workers 2 --threads 4\n");
+    repo.commit("slow endpoint");
+    repo.deploy(&server, "busy");
+    let stop = Arc::new(AtomicBool::new(false));
+    let (total, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let failures = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut clients = Vec::new();
+    for i in 0..5 {
+        let (server, stop, total, failed, failures) =
+            (server.clone(), stop.clone(), total.clone(), failed.clone(), failures.clone());
+        clients.push(std::thread::spawn(move || {
+            // Two clients keep one connection open across deploys; one asks
+            // for the slow page, so requests are always in flight at a switch.
+            let mut conn = (i % 2 == 0).then(|| KeepAlive::new(&server.http));
+            let path = if i == 4 { "/slow" } else { "/" };
+            while !stop.load(Ordering::Relaxed) {
+                let (code, body) = match conn.as_mut() {
+                    Some(c) => c.get("busy.localhost", path),
+                    None => server.get("busy", path),
+                };
+                total.fetch_add(1, Ordering::Relaxed);
+                if code != 200 || !body.ends_with("world\n") {
+                    failed.fetch_add(1, Ordering::Relaxed);
+                    failures.lock().expect("lock").push(format!("{code} {body:?}"));
+                }
+            }
+        }));
+    }
+    for n in 1..=5 {
+        repo.write("app.py", &slow_hello(&format!("v{n}")));
+        repo.commit(&format!("v{n}"));
+        repo.deploy(&server, "busy");
+        assert_eq!(server.get("busy", "/").1, format!("v{n} world\n"));
+    }
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        c.join().expect("client thread");
+    }
+    let (total, failed) = (total.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    assert!(total > 50, "the load was too light to mean anything: {total} requests");
+    assert_eq!(failed, 0, "{failed} of {total} requests failed: {:?}", failures.lock().expect("lock"));
+}
+
+#[test]
+fn pushes_to_other_refs_are_stored_not_deployed() {
+    let server = TestServer::start();
+    let repo = AppRepo::hello("hello");
+    repo.deploy(&server, "policy");
+    repo.git(&["checkout", "-q", "-b", "feature"]);
+    repo.write("app.py", &hello_app("feature"));
+    repo.commit("feature work");
+    let (ok, out) = repo.push(&server.git_url("policy"), "feature");
+    assert!(ok, "{out}");
+    assert!(out.contains("refs/heads/feature stored, not deployed"), "{out}");
+    assert_eq!(server.get("policy", "/").1, "hello world\n");
+    assert_eq!(server.json(&["releases", "policy", "--json"]).as_array().map(Vec::len), Some(1));
+
+    // Deleting the branch that is live is refused; deleting another is fine.
+    let (ok, out) = repo.push(&server.git_url("policy"), ":main");
+    assert!(!ok && out.contains("refusing to delete refs/heads/main"), "{out}");
+    let (ok, out) = repo.push(&server.git_url("policy"), ":feature");
+    assert!(ok, "{out}");
+}
+
+#[test]
+fn master_deploys_when_there_is_no_main() {
+    let server = TestServer::start();
+    let repo = AppRepo::hello("hello");
+    repo.git(&["branch", "-m", "main", "master"]);
+    let (ok, out) = repo.push(&server.git_url("legacy"), "master");
+    assert!(ok && out.contains("v1 is live"), "{out}");
+}
+
+#[test]
+fn tag_policy_deploys_matching_tags_only() {
+    let server = TestServer::start();
+    let repo = AppRepo::hello("tagged");
+    repo.write("slipway.toml", "[deploy]\nrefs = [\"refs/tags/release-*\"]\n");
+    repo.commit("deploy tags only");
+    let (ok, out) = repo.push(&server.git_url("tags"), "main");
+    assert!(ok && out.contains("stored, not deployed (this app deploys refs/tags/release-*)"), "{out}");
+    assert_eq!(server.get("tags", "/").0, 503);
+    repo.git(&["tag", "v1-beta"]);
+    let (ok, out) = repo.push(&server.git_url("tags"), "v1-beta");
+    assert!(ok && out.contains("stored, not deployed"), "{out}");
+    repo.git(&["tag", "release-1"]);
+    let (ok, out) = repo.push(&server.git_url("tags"), "release-1");
+    assert!(ok && out.contains("v1 is live"), "{out}");
+    assert_eq!(server.get("tags", "/").1, "tagged world\n");
+}
+
+#[test]
+fn concurrent_pushes_to_one_app_are_serialized() {
+    let server = Arc::new(TestServer::start());
+    let base = AppRepo::hello("base");
+    base.write("slipway.toml", "[test]\ncommand = \"sleep 2\"\n");
+    base.commit("slow gate");
+    base.deploy(&server, "race");
+    // Two clones, each one commit ahead of what is live.
+    let clones: Vec<AppRepo> = ["left", "right"]
+        .iter()
+        .map(|name| {
+            let r = AppRepo { dir: tempfile::tempdir().expect("dir") };
+            let out = std::process::Command::new("git")
+                .args(["clone", "-q", &server.git_url("race"), "."])
+                .current_dir(r.path())
+                .output()
+                .expect("clone");
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            r.write("app.py", &hello_app(name));
+            r.commit(name);
+            r
+        })
+        .collect();
+    let handles: Vec<_> = clones
+        .into_iter()
+        .map(|r| {
+            let url = server.git_url("race");
+            std::thread::spawn(move || {
+                let res = r.push(&url, "main");
+                (res, r.head())
+            })
+        })
+        .collect();
+    let results: Vec<_> = handles.into_iter().map(|h| h.join().expect("push thread")).collect();
+    let winners: Vec<_> = results.iter().filter(|((ok, _), _)| *ok).collect();
+    let losers: Vec<_> = results.iter().filter(|((ok, _), _)| !*ok).collect();
+    assert_eq!(winners.len(), 1, "exactly one push wins: {results:#?}");
+    let loser_out = &losers[0].0 .1;
+    assert!(loser_out.contains("in progress; waiting"), "the second push must say it waits:\n{loser_out}");
+    assert!(loser_out.contains("moved while this push waited"), "{loser_out}");
+    // The ref and the live release agree on the winner.
+    let live = server.json(&["releases", "race", "--json"])[0]["commit"].as_str().unwrap_or("").to_string();
+    assert_eq!(live, winners[0].1);
+    assert_eq!(server.json(&["releases", "race", "--json"]).as_array().map(Vec::len), Some(2));
+}
+
+#[test]
+fn different_apps_deploy_in_parallel() {
+    let server = Arc::new(TestServer::start());
+    let handles: Vec<_> = ["par-a", "par-b", "par-c"]
+        .iter()
+        .map(|app| {
+            let server = server.clone();
+            std::thread::spawn(move || {
+                let repo = AppRepo::hello(app);
+                repo.deploy(&server, app);
+                server.get(app, "/").1
+            })
+        })
+        .collect();
+    let bodies: Vec<String> = handles.into_iter().map(|h| h.join().expect("thread")).collect();
+    assert_eq!(bodies, vec!["par-a world\n", "par-b world\n", "par-c world\n"]);
+}
+
+#[test]
+fn rollback_restores_code_and_config() {
+    let server = TestServer::start();
+    let repo = AppRepo::hello("one");
+    repo.deploy(&server, "back");
+    repo.write("app.py", &hello_app("two"));
+    repo.commit("two");
+    repo.deploy(&server, "back");
+    server.ok(&["config", "set", "back", "GREETING=config"]);
+    assert_eq!(server.get("back", "/").1, "two config\n");
+
+    let out = server.ok(&["rollback", "back"]);
+    assert!(out.contains("rolling back to v2 as v4"), "{out}");
+    assert_eq!(server.get("back", "/").1, "two world\n");
+    assert!(server.json(&["config", "show", "back", "--json"]).get("GREETING").is_none());
+
+    server.ok(&["rollback", "back", "v1"]);
+    assert_eq!(server.get("back", "/").1, "one world\n");
+    let releases = server.json(&["releases", "back", "--json"]);
+    assert_eq!(releases[0]["version"], "v5");
+    assert_eq!(releases[0]["live"], true);
+    assert_eq!(releases[0]["description"], "rollback to v1");
+
+    let bad = server.cli(&["rollback", "back", "v99"]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("back has no release v99"));
+    assert_eq!(server.get("back", "/").1, "one world\n");
+}
+
+#[test]
+fn old_releases_and_unused_environments_are_collected() {
+    let server = TestServer::start_with(&["--keep-releases", "2"]);
+    let repo = AppRepo::hello("r");
+    for n in 1..=4 {
+        repo.write("app.py", &hello_app(&format!("r{n}")));
+        // Alternate the dependencies, so environments change too.
+        let extra = if n % 2 == 0 { "six==1.16.0\n" } else { "" };
+        repo.write("requirements.txt", &format!("gunicorn==27.0.1\n{extra}"));
+        repo.commit(&format!("r{n}"));
+        repo.deploy(&server, "gc");
+    }
+    assert_eq!(ls(&server.data().join("apps/gc/releases")), vec!["v3", "v4"]);
+    assert_eq!(server.json(&["releases", "gc", "--json"]).as_array().map(Vec::len), Some(2));
+    // v3 and v4 use different environments; the older duplicates are gone.
+    assert_eq!(ls(&server.data().join("envs")).len(), 2);
+    let out = server.cli(&["rollback", "gc", "v1"]);
+    assert!(!out.status.success());
+    server.ok(&["rollback", "gc", "v3"]);
+    assert_eq!(server.get("gc", "/").1, "r3 world\n");
+}
