@@ -438,7 +438,7 @@ async fn ps(State(p): State<Shared>, auth: Auth, Path(name): Path<String>) -> Ap
             json!({
                 "type": i.spec.ptype,
                 "instance": i.spec.index,
-                "release": format!("v{}", i.spec.release),
+                "release": format!("v{}", st.release),
                 "pid": st.pid,
                 "state": st.state,
                 "uptime_secs": st.since.filter(|_| st.pid.is_some()).map(|s| s.elapsed().as_secs()),

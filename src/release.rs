@@ -24,7 +24,7 @@ use tracing::Instrument;
 
 use crate::build::Environment;
 use crate::git::{self, Quarantine};
-use crate::manifest::{self, DeployPolicy, Manifest, ProcessSpec};
+use crate::manifest::{self, DeployPolicy, Manifest, ProcessSpec, Reload};
 use crate::names::{self, AppName};
 use crate::progress::Progress;
 use crate::proxy::{self, Upstream};
@@ -377,7 +377,8 @@ pub async fn scale(p: &Platform, app: &AppName, actor: &Actor, counts: BTreeMap<
             let used: Vec<u32> = current.iter().map(|i| i.spec.index).collect();
             let indexes: Vec<u32> = (1..).filter(|i| !used.contains(i)).take((want - have) as usize).collect();
             progress.step(&format!("starting {} more {ptype}", want - have));
-            let started = start_type(p, app, &live, spec, &indexes, env.as_ref(), &manifest, progress).await?;
+            let from_current = spec.reload != Reload::Replace;
+            let started = start_type(p, app, &live, spec, &indexes, env.as_ref(), &manifest, from_current, progress).await?;
             p.supervisor.adopt(app.as_str(), started.clone());
             if ptype == "web" {
                 let mut ups = p.proxy.upstreams(app.as_str());
@@ -495,49 +496,179 @@ async fn activate(
     })
     .await?;
     let count = |t: &str| scale.get(t).copied().unwrap_or(1);
+    let running = p.supervisor.instances(app.as_str());
+    let link = p.layout.current(app);
+    let tree = p.layout.release(app, release.tree);
 
-    // 1. Start the new web processes beside the old ones; gate on health.
+    // 1. Gate on health before anything changes. A `replace` web type
+    //    starts its new processes beside the old ones; a type that reloads
+    //    in place (signal/touch) proves the new release with a canary that
+    //    is stopped again: its real processes run from `current`, which
+    //    must not move before the check passes.
     let mut new: Vec<Arc<Instance>> = Vec::new();
-    if let Some(web) = manifest.process("web") {
+    let mut reload_in_place: Vec<(Vec<Arc<Instance>>, Reload)> = Vec::new();
+    let web = manifest.process("web").filter(|_| count("web") > 0);
+    if let Some(web) = web {
         let n = count("web");
-        if n > 0 {
-            progress.step(&format!("starting {n} web process{}", if n == 1 { "" } else { "es" }));
+        if web.reload == Reload::Replace {
+            progress.step(&format!("starting {n} web process{}", plural(n as usize)));
             let indexes: Vec<u32> = (1..=n).collect();
-            new = start_type(p, app, release, web, &indexes, env, manifest, progress).await?;
+            new = start_type(p, app, release, web, &indexes, env, manifest, false, progress).await?;
+        } else {
+            progress.step(&format!("checking v{} with a canary web process", release.version));
+            let canary = start_type(p, app, release, web, &[0], env, manifest, false, progress).await?;
+            stop_all(canary).await;
         }
     }
 
-    // 2. Switch: the link, the route, the record. From here on the new
-    //    release serves.
-    let tree = p.layout.release(app, release.tree);
-    switch_current(&p.layout.current(app), &tree).await?;
+    // 2. Switch `current`. Replace-type processes run from their own
+    //    release directory and do not see it; in-place types are reloaded
+    //    onto it below.
+    let previous_target = tokio::fs::read_link(&link).await.ok();
+    switch_current(&link, &tree).await?;
+    let mut started_from_current: Vec<Arc<Instance>> = Vec::new();
+    for spec in manifest.processes.iter().filter(|s| s.reload != Reload::Replace) {
+        let n = count(&spec.name);
+        if n == 0 {
+            continue;
+        }
+        let same: Vec<Arc<Instance>> = running.iter().filter(|i| i.spec.ptype == spec.name).cloned().collect();
+        if reloadable_in_place(p, app, release, spec, env, &same, n) {
+            reload_in_place.push((same, spec.reload.clone()));
+            continue;
+        }
+        // Nothing suitable runs (first deploy, changed command, env or
+        // scale): start them fresh, from `current`.
+        let indexes: Vec<u32> = (1..=n).collect();
+        let result = start_type(p, app, release, spec, &indexes, env, manifest, true, progress).await;
+        match result {
+            Ok(started) => started_from_current.extend(started),
+            Err(e) => {
+                stop_all(std::mem::take(&mut started_from_current)).await;
+                if let Some(prev) = &previous_target {
+                    let _ = switch_current(&link, prev).await;
+                }
+                return Err(e);
+            }
+        }
+    }
+    new.extend(started_from_current);
+
+    // 3. Traffic and the record. An in-place web type keeps its upstreams.
     let old_upstreams = p.proxy.upstreams(app.as_str());
+    let web_in_place = reload_in_place.iter().any(|(insts, _)| insts.iter().any(|i| i.spec.ptype == "web"));
     p.register_routes(app).await;
-    p.proxy.set_upstreams(app.as_str(), new.iter().filter_map(upstream_of).collect());
+    if !web_in_place {
+        p.proxy.set_upstreams(app.as_str(), new.iter().filter(|i| i.spec.ptype == "web").filter_map(upstream_of).collect());
+    }
     let (app2, v) = (app.clone(), release.version);
     p.store.call(move |s| s.mark_live(&app2, v)).await?;
     progress.step(&format!("switched traffic to v{}", release.version));
 
-    // 3. The other types start now; they take no traffic, so there is
-    //    nothing to gate on, and their old instances stop below.
-    for spec in manifest.processes.iter().filter(|s| s.name != "web") {
-        let indexes: Vec<u32> = (1..=count(&spec.name)).collect();
-        for &i in &indexes {
-            new.push(spawn_instance(p, app, release, spec, i, env, None));
+    // 4. Reload in place: the masters stay, their workers load `current`.
+    let mut kept: Vec<Arc<Instance>> = Vec::new();
+    for (insts, reload) in reload_in_place {
+        for inst in &insts {
+            match &reload {
+                Reload::Signal(sig) => {
+                    progress.step(&format!("reloading {} with signal {sig}", inst.name()));
+                    if let Some(pid) = inst.status().pid {
+                        runtime::signal_main(pid, *sig);
+                    }
+                }
+                Reload::Touch(path) => {
+                    // The app server watches the file relative to the
+                    // directory it runs in, which is the release it last
+                    // loaded (a cwd is a resolved directory, not the link).
+                    progress.step(&format!("reloading {} by touching {path}", inst.name()));
+                    let running_in = inst
+                        .status()
+                        .pid
+                        .and_then(|pid| std::fs::read_link(format!("/proc/{pid}/cwd")).ok())
+                        .unwrap_or_else(|| tree.clone());
+                    touch(&running_in.join(path)).await?;
+                }
+                Reload::Replace => {}
+            }
+            inst.set_release(release.version);
+        }
+        if let Some(inst) = insts.iter().find(|i| i.spec.ptype == "web") {
+            let host = p.app_host(app);
+            wait_healthy(inst, &host, &manifest.health_path, manifest.health_timeout).await?;
+        }
+        kept.extend(insts);
+    }
+
+    // 5. The other replace-type processes start now; they take no
+    //    traffic, so there is nothing to gate on.
+    for spec in manifest.processes.iter().filter(|s| s.name != "web" && s.reload == Reload::Replace) {
+        for i in 1..=count(&spec.name) {
+            new.push(spawn_instance(p, app, release, spec, i, env, None, false));
         }
     }
-    let old = p.supervisor.swap(app.as_str(), new);
+    new.extend(kept.iter().cloned());
+    let old: Vec<Arc<Instance>> =
+        p.supervisor.swap(app.as_str(), new).into_iter().filter(|i| !kept.iter().any(|k| Arc::ptr_eq(k, i))).collect();
 
-    // 4. Drain: in-flight requests to the old processes finish before
+    // 6. Drain: in-flight requests to the old processes finish before
     //    they get their stop signal.
     if !old.is_empty() {
-        if !p.proxy.drain(&old_upstreams, DRAIN_TIMEOUT).await {
+        if !web_in_place && !p.proxy.drain(&old_upstreams, DRAIN_TIMEOUT).await {
             progress.info("old processes still busy after 30s: stopping them anyway");
         }
-        progress.step(&format!("stopping {} old process{}", old.len(), if old.len() == 1 { "" } else { "es" }));
+        progress.step(&format!("stopping {} old process{}", old.len(), plural(old.len())));
         stop_all(old).await;
     }
     Ok(())
+}
+
+/// Can the running instances of `spec` take the new release by a reload
+/// signal or touch? Only when they run exactly what a fresh start would:
+/// same command, same environment (but for the release name), same count.
+/// A new dependency environment or config needs new processes.
+fn reloadable_in_place(
+    p: &Platform,
+    app: &AppName,
+    release: &Release,
+    spec: &ProcessSpec,
+    env: Option<&Environment>,
+    running: &[Arc<Instance>],
+    count: u32,
+) -> bool {
+    if running.len() as u32 != count || running.is_empty() {
+        return false;
+    }
+    running.iter().all(|inst| {
+        let st = inst.status();
+        let wanted = instance_command(p, app, release, spec, env, inst.spec.port, true);
+        let strip = |v: &[(String, String)]| -> Vec<(String, String)> {
+            v.iter().filter(|(k, _)| k != "SLIPWAY_RELEASE").cloned().collect()
+        };
+        st.state == State::Running
+            && inst.spec.command.command == wanted.command
+            && inst.spec.command.cwd == wanted.cwd
+            && strip(&inst.spec.command.env) == strip(&wanted.env)
+    })
+}
+
+fn plural(n: usize) -> &'static str {
+    if n == 1 {
+        ""
+    } else {
+        "es"
+    }
+}
+
+/// Set a file's times to now, as `touch` does (uWSGI watches the mtime).
+async fn touch(path: &Path) -> Result<()> {
+    let path = path.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        let f = std::fs::OpenOptions::new().append(true).create(true).open(&path)?;
+        f.set_modified(std::time::SystemTime::now())
+    })
+    .await
+    .context("touch task")?
+    .context("touching the reload file")
 }
 
 /// Start instances of one type; for `web`, wait until each answers its
@@ -551,12 +682,13 @@ async fn start_type(
     indexes: &[u32],
     env: Option<&Environment>,
     manifest: &Manifest,
+    from_current: bool,
     progress: &Progress,
 ) -> Result<Vec<Arc<Instance>>> {
     let mut started = Vec::new();
     for &i in indexes {
         let port = if spec.name == "web" { Some(free_port().context("finding a free port")?) } else { None };
-        started.push(spawn_instance(p, app, release, spec, i, env, port));
+        started.push(spawn_instance(p, app, release, spec, i, env, port, from_current));
     }
     if spec.name != "web" {
         return Ok(started);
@@ -572,6 +704,7 @@ async fn start_type(
     Ok(started)
 }
 
+#[allow(clippy::too_many_arguments)]
 fn spawn_instance(
     p: &Platform,
     app: &AppName,
@@ -580,15 +713,15 @@ fn spawn_instance(
     index: u32,
     env: Option<&Environment>,
     port: Option<u16>,
+    from_current: bool,
 ) -> Arc<Instance> {
-    let dir = p.layout.release(app, release.tree);
     p.supervisor.start(
         InstanceSpec {
             app: app.to_string(),
             release: release.version,
             ptype: spec.name.clone(),
             index,
-            command: ProcessCommand { command: spec.command.clone(), cwd: dir, env: process_env(p, app, release, env, port) },
+            command: instance_command(p, app, release, spec, env, port, from_current),
             port,
             restart: spec.restart,
             stop_signal: spec.stop_signal,
@@ -596,6 +729,35 @@ fn spawn_instance(
         },
         p.logs.app(app),
     )
+}
+
+/// What an instance runs. Types that reload in place run from `current`
+/// (with `PWD` naming the link, which gunicorn keeps as its directory), so
+/// a reload picks up whatever release `current` points at by then.
+fn instance_command(
+    p: &Platform,
+    app: &AppName,
+    release: &Release,
+    spec: &ProcessSpec,
+    env: Option<&Environment>,
+    port: Option<u16>,
+    from_current: bool,
+) -> ProcessCommand {
+    let mut vars = process_env(p, app, release, env, port);
+    let cwd = if from_current {
+        let link = p.layout.current(app);
+        vars.push(("PWD".into(), link.display().to_string()));
+        if matches!(spec.reload, Reload::Touch(_)) {
+            // uWSGI's own option (read from the environment) to chdir to
+            // this path on every (re)load: the link, so a touch reload
+            // loads whichever release `current` names by then.
+            vars.push(("UWSGI_CHDIR".into(), link.display().to_string()));
+        }
+        link
+    } else {
+        p.layout.release(app, release.tree)
+    };
+    ProcessCommand { command: spec.command.clone(), cwd, env: vars }
 }
 
 async fn wait_healthy(inst: &Instance, host: &str, path: &str, timeout: Duration) -> Result<()> {

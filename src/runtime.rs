@@ -7,7 +7,7 @@
 //! and only it sends them signals.
 
 use std::collections::VecDeque;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -32,7 +32,10 @@ pub const SYSTEM_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin
 
 impl ProcessCommand {
     fn to_command(&self) -> Command {
-        let mut cmd = Command::new("/bin/sh");
+        // bash, as Heroku uses, execs a simple command in place: the app
+        // server is then our direct child and the target of its signals.
+        let shell = if Path::new("/bin/bash").exists() { "/bin/bash" } else { "/bin/sh" };
+        let mut cmd = Command::new(shell);
         cmd.arg("-c")
             .arg(&self.command)
             .current_dir(&self.cwd)
@@ -62,6 +65,25 @@ pub fn signal_group(pgid: i32, signal: i32) -> bool {
     // SAFETY: kill(2) with a negative pid signals a process group; any pgid
     // and signal are valid inputs, failure is reported through the result.
     unsafe { libc::kill(-pgid, signal) == 0 }
+}
+
+/// Signal the process that does the work: `pid` itself, or, when `pid`
+/// is a shell still wrapping a compound command, the shell's children.
+pub fn signal_main(pid: i32, signal: i32) {
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+    let is_shell = matches!(comm.trim(), "sh" | "bash" | "dash");
+    let children: Vec<i32> = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|c| c.parse().ok())
+        .collect();
+    let targets = if is_shell && !children.is_empty() { children } else { vec![pid] };
+    for t in targets {
+        // SAFETY: kill(2) has no memory-safety preconditions.
+        unsafe {
+            libc::kill(t, signal);
+        }
+    }
 }
 
 /// Is any process of the group still alive?

@@ -52,6 +52,9 @@ pub enum State {
 #[derive(Debug, Clone, Serialize)]
 pub struct Status {
     pub state: State,
+    /// The release it serves: its start release, or a later one it was
+    /// reloaded onto in place.
+    pub release: u32,
     pub pid: Option<i32>,
     pub restarts: u32,
     pub last_exit: Option<String>,
@@ -76,6 +79,10 @@ impl Instance {
     }
     pub fn watch(&self) -> watch::Receiver<Status> {
         self.status.subscribe()
+    }
+    /// Record that a reload in place moved it onto `release`.
+    pub fn set_release(&self, release: u32) {
+        self.status.send_modify(|s| s.release = release);
     }
     pub fn tail(&self) -> Vec<String> {
         self.tail.lock().unwrap_or_else(|e| e.into_inner()).iter().cloned().collect()
@@ -123,6 +130,7 @@ impl Supervisor {
     pub fn start(&self, spec: InstanceSpec, log: Arc<AppLog>) -> Arc<Instance> {
         let (status, _) = watch::channel(Status {
             state: State::Starting,
+            release: spec.release,
             pid: None,
             restarts: 0,
             last_exit: None,
