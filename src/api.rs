@@ -84,6 +84,8 @@ fn router(p: Shared, transport: Transport) -> Router {
         .route("/api/apps/{app}/stop", post(stop))
         .route("/api/apps/{app}/logs", get(logs))
         .route("/api/apps/{app}/run", post(run_one_off))
+        .route("/api/apps/{app}/promote", post(promote))
+        .route("/api/apps/{app}/webhook", get(get_webhook).put(set_webhook).delete(delete_webhook))
         .route("/api/apps/{app}/domains", get(list_domains).post(add_domain))
         .route("/api/apps/{app}/domains/{host}", delete(remove_domain))
         .route("/api/tokens", get(list_tokens).post(create_token))
@@ -600,6 +602,54 @@ async fn run_one_off(State(p): State<Shared>, auth: Auth, Path(name): Path<Strin
         .map_err(|e| anyhow!("building run response: {e}"))?)
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PromoteReq {
+    to: String,
+}
+
+async fn promote(State(p): State<Shared>, auth: Auth, Path(name): Path<String>, body: Bytes) -> ApiResult {
+    let staging = auth.app(&p, &name).await?;
+    let req: PromoteReq = parse_body(&body)?;
+    // Promotion writes to the target: the caller must be allowed there too.
+    let live = auth.app(&p, &req.to).await?;
+    let actor = auth.actor();
+    Ok(operation(move |progress| async move {
+        let v = release::promote(&p, &staging, &live, &actor, &progress).await?;
+        Ok(json!({ "release": format!("v{v}") }))
+    }))
+}
+
+async fn get_webhook(State(p): State<Shared>, auth: Auth, Path(name): Path<String>) -> ApiResult {
+    let app = auth.app(&p, &name).await?;
+    let url = p.store.call(move |s| s.webhook(&app)).await?;
+    Ok(Json(json!({ "url": url })).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WebhookReq {
+    url: String,
+}
+
+async fn set_webhook(State(p): State<Shared>, auth: Auth, Path(name): Path<String>, body: Bytes) -> ApiResult {
+    let app = auth.app(&p, &name).await?;
+    let req: WebhookReq = parse_body(&body)?;
+    crate::notify::WebhookUrl::parse(&req.url).map_err(|e| ApiError::bad(format!("{e:#}")))?;
+    let (a, u) = (app.clone(), req.url.clone());
+    p.store.call(move |s| s.set_webhook(&a, Some(&u))).await?;
+    p.event(Some(&app), &auth.actor(), "webhook:set", "", "ok").await;
+    Ok(Json(json!({ "url": req.url })).into_response())
+}
+
+async fn delete_webhook(State(p): State<Shared>, auth: Auth, Path(name): Path<String>) -> ApiResult {
+    let app = auth.app(&p, &name).await?;
+    let a = app.clone();
+    p.store.call(move |s| s.set_webhook(&a, None)).await?;
+    p.event(Some(&app), &auth.actor(), "webhook:unset", "", "ok").await;
+    Ok(Json(json!({ "url": null })).into_response())
+}
+
 async fn list_domains(State(p): State<Shared>, auth: Auth, Path(name): Path<String>) -> ApiResult {
     let app = auth.app(&p, &name).await?;
     let a = app.clone();
@@ -822,8 +872,8 @@ async fn pre_receive(State(p): State<Shared>, Extension(t): Extension<Transport>
     );
     let id = req.push;
     Ok(operation(move |progress| async move {
-        let guard = release::receive_push(&p, &push.app, &Actor(push.actor.clone()), req.refs, q, &progress).await?;
-        p.hold_until_push_ends(&id, guard);
+        let outcome = release::receive_push(&p, &push.app, &Actor(push.actor.clone()), req.refs, q, &progress).await?;
+        p.hold_until_push_ends(&id, outcome);
         Ok(json!({}))
     }))
 }

@@ -204,6 +204,60 @@ pub async fn resolve(repo: &Path, refname: &str) -> Option<String> {
     out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
+/// Record a deploy in the repo: move `LIVE` to `commit` and add
+/// `DEPLOYED-YYYY-MM-DD/HHMM` (UTC), with `-2`, `-3`... when that name is
+/// taken. Returns the new tag's name. Must not run while receive-pack of
+/// a push to this repo is under way (its objects may be quarantined).
+pub async fn tag_deploy(repo: &Path, commit: &str, now: chrono::DateTime<chrono::Utc>) -> Result<String> {
+    let base = format!("DEPLOYED-{}", now.format("%Y-%m-%d/%H%M"));
+    let mut name = base.clone();
+    let mut n = 1;
+    while resolve_exact(repo, &format!("refs/tags/{name}")).await {
+        n += 1;
+        name = format!("{base}-{n}");
+    }
+    git(Some(repo), &["update-ref", &format!("refs/tags/{name}"), commit, &"0".repeat(40)], None).await?;
+    git(Some(repo), &["update-ref", "refs/tags/LIVE", commit], None).await?;
+    Ok(name)
+}
+
+/// Does this exact ref exist (whatever it points at)?
+async fn resolve_exact(repo: &Path, refname: &str) -> bool {
+    git_q(repo, &Quarantine::default(), &["show-ref", "--verify", "--quiet", refname])
+        .status()
+        .await
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+/// Bring `commit` (and its history) from one app's repo into another's,
+/// under a scratch ref, so promotion can release it before any branch of
+/// the target names it.
+pub async fn fetch_commit(from: &Path, to: &Path, commit: &str) -> Result<()> {
+    // Fetching by object id needs the source to allow it; both repos are
+    // ours and local, so say so for this one command only.
+    git(
+        Some(to),
+        &[
+            "fetch",
+            "--quiet",
+            "--no-tags",
+            "--upload-pack=git -c uploadpack.allowAnySHA1InWant=true upload-pack",
+            &from.display().to_string(),
+            &format!("+{commit}:refs/slipway/incoming"),
+        ],
+        None,
+    )
+    .await
+}
+
+/// Point `refname` at `commit` (dropping the promotion scratch ref).
+pub async fn set_ref(repo: &Path, refname: &str, commit: &str) -> Result<()> {
+    git(Some(repo), &["update-ref", refname, commit], None).await?;
+    let _ = git(Some(repo), &["update-ref", "-d", "refs/slipway/incoming"], None).await;
+    Ok(())
+}
+
 /// A short one-line summary of a commit, for release descriptions.
 pub async fn subject(repo: &Path, q: &Quarantine, commit: &str) -> String {
     match git_q(repo, q, &["log", "-1", "--format=%s", commit]).output().await {

@@ -76,7 +76,7 @@ pub async fn receive_push(
     refs: Vec<RefUpdate>,
     q: Quarantine,
     progress: &Progress,
-) -> Result<AppGuard> {
+) -> Result<PushOutcome> {
     let guard = acquire(p, app, progress).await;
     let result = receive_locked(p, app, actor, refs, q, progress).await;
     if let Err(e) = &result {
@@ -86,7 +86,14 @@ pub async fn receive_push(
             progress.info("nothing changed: the previous release keeps serving");
         }
     }
-    result.map(|()| guard)
+    result.map(|deployed| PushOutcome { guard, deployed })
+}
+
+/// What a successful push hands back: the app's lock, and the commit it
+/// deployed, to be tagged once receive-pack has finished.
+pub struct PushOutcome {
+    pub guard: AppGuard,
+    pub deployed: Option<String>,
 }
 
 async fn receive_locked(
@@ -96,7 +103,7 @@ async fn receive_locked(
     refs: Vec<RefUpdate>,
     q: Quarantine,
     progress: &Progress,
-) -> Result<()> {
+) -> Result<Option<String>> {
     let repo = p.layout.repo(app);
     let zero = |s: &str| s.bytes().all(|c| c == b'0');
     for r in &refs {
@@ -137,8 +144,9 @@ async fn receive_locked(
         }
         target = Some(r);
     }
-    let Some(t) = target else { return Ok(()) };
-    deploy_locked(p, app, actor, &t.new, &t.name, &q, progress).await.map(|_| ())
+    let Some(t) = target else { return Ok(None) };
+    deploy_locked(p, app, actor, &t.new, &t.name, &q, false, progress).await?;
+    Ok(Some(t.new))
 }
 
 /// Build and release `commit` as a new version of `app`.
@@ -152,10 +160,12 @@ pub async fn deploy(
     progress: &Progress,
 ) -> Result<u32> {
     let _guard = acquire(p, app, progress).await;
-    deploy_locked(p, app, actor, commit, git_ref, q, progress).await
+    deploy_locked(p, app, actor, commit, git_ref, q, true, progress).await
 }
 
-/// [`deploy`], for a caller that holds the app's lock.
+/// [`deploy`], for a caller that holds the app's lock. `tag_now`: tag the
+/// repo at once (not inside a push, whose objects are still quarantined).
+#[allow(clippy::too_many_arguments)]
 async fn deploy_locked(
     p: &Platform,
     app: &AppName,
@@ -163,6 +173,7 @@ async fn deploy_locked(
     commit: &str,
     git_ref: &str,
     q: &Quarantine,
+    tag_now: bool,
     progress: &Progress,
 ) -> Result<u32> {
     let started = Instant::now();
@@ -245,7 +256,23 @@ async fn deploy_locked(
     }
     .instrument(span)
     .await;
-    finish(p, app, actor, version, true, started, "deploy", result, progress).await
+    let v = finish(p, app, actor, version, true, started, "deploy", result, progress).await?;
+    if tag_now {
+        tag(p, app, commit, progress).await;
+    }
+    Ok(v)
+}
+
+/// Tag a deploy in the app's repo (`LIVE`, `DEPLOYED-…`). A failure to tag
+/// is reported, never undoes the deploy.
+pub async fn tag(p: &Platform, app: &AppName, commit: &str, progress: &Progress) {
+    match git::tag_deploy(&p.layout.repo(app), commit, chrono::Utc::now()).await {
+        Ok(name) => progress.info(&format!("tagged LIVE and {name}")),
+        Err(e) => {
+            tracing::warn!(app = %app, error = %format!("{e:#}"), "tagging the deploy failed");
+            progress.info(&format!("could not tag the deploy: {e:#}"));
+        }
+    }
 }
 
 /// A new release with the live code and a changed config.
@@ -329,7 +356,116 @@ pub async fn rollback(p: &Platform, app: &AppName, actor: &Actor, to: Option<u32
         let (app2, config) = (app.clone(), target.config.clone());
         p.store.call(move |s| s.replace_config(&app2, &config)).await?;
     }
-    finish(p, app, actor, version, false, started, "rollback", result, progress).await
+    let v = finish(p, app, actor, version, false, started, "rollback", result, progress).await?;
+    tag(p, app, &target.commit, progress).await;
+    Ok(v)
+}
+
+/// Promote the staging app's live build to `live`: run the staging
+/// release's `[promote] check` against the staging app, then release the
+/// same tree and environment (nothing is rebuilt or reinstalled) with the
+/// live app's own config, through the health-checked switch.
+pub async fn promote(p: &Platform, staging: &AppName, live: &AppName, actor: &Actor, progress: &Progress) -> Result<u32> {
+    if staging == live {
+        bail!("an app cannot be promoted to itself");
+    }
+    // Both apps are locked, in name order, so two promotions never deadlock.
+    let (first, second) = if staging < live { (staging, live) } else { (live, staging) };
+    let _g1 = acquire(p, first, progress).await;
+    let _g2 = acquire(p, second, progress).await;
+    let started = Instant::now();
+    let from = live_release(p, staging).await?.ok_or_else(|| anyhow!("{staging} has no live release to promote"))?;
+    let from_tree = p.layout.release(staging, from.tree);
+    let manifest = Manifest::load(&from_tree)?;
+    let env = from.env_key.as_ref().map(|k| Environment { key: k.clone(), dir: p.layout.env(k) });
+    match &manifest.promote_check {
+        Some(check) => {
+            let (url, host) = target_url(p, staging).await;
+            progress.step(&format!("promote check against {url}: {check}"));
+            let mut vars = process_env(p, staging, &from, env.as_ref(), None);
+            vars.push(("TARGET_URL".into(), url));
+            vars.push(("TARGET_HOST".into(), host));
+            run_step(check, &from_tree, &vars, progress).await.context("promote check failed: nothing was promoted")?;
+        }
+        None => progress.info("no [promote] check in slipway.toml: promoting without one"),
+    }
+
+    ensure_app_dirs(p, live).await?;
+    let live_now = live_release(p, live).await?;
+    let branch = live_now
+        .as_ref()
+        .map(|r| r.git_ref.clone())
+        .filter(|r| r.starts_with("refs/heads/"))
+        .unwrap_or_else(|| "refs/heads/main".into());
+    let config = p.store.call({
+        let live = live.clone();
+        move |s| s.config(&live)
+    })
+    .await?;
+    let version = p
+        .store
+        .call({
+            let r = Release {
+                app: live.to_string(),
+                version: 0,
+                tree: 0,
+                commit: from.commit.clone(),
+                git_ref: branch.clone(),
+                env_key: from.env_key.clone(),
+                config,
+                description: format!("promote {staging} v{}", from.version),
+                actor: actor.0.clone(),
+                status: ReleaseStatus::Pending,
+                created_at: String::new(),
+            };
+            move |s| s.begin_release(&r)
+        })
+        .await?;
+    progress.step(&format!("promoting {staging} v{} ({}) to {live} as v{version}", from.version, &from.commit[..from.commit.len().min(8)]));
+    let result = async {
+        link_tree(&from_tree, &p.layout.release(live, version)).await?;
+        // The live repo gets the commits first (under a scratch ref), so a
+        // failure below leaves its branch untouched.
+        git::fetch_commit(&p.layout.repo(staging), &p.layout.repo(live), &from.commit).await?;
+        relaunch(p, live, version, progress).await
+    }
+    .await;
+    let v = finish(p, live, actor, version, true, started, "promote", result, progress).await?;
+    if let Err(e) = git::set_ref(&p.layout.repo(live), &branch, &from.commit).await {
+        progress.info(&format!("could not move {branch}: {e:#}"));
+    }
+    tag(p, live, &from.commit, progress).await;
+    Ok(v)
+}
+
+/// Where a promote check reaches the staging app: its public URL when the
+/// name resolves from here; otherwise its web process on loopback (the
+/// default `localhost` domain does not resolve for most programs).
+async fn target_url(p: &Platform, app: &AppName) -> (String, String) {
+    let host = p.app_host(app);
+    if tokio::net::lookup_host((host.as_str(), p.http_port)).await.is_ok() {
+        return (p.app_url(app), host);
+    }
+    match p.proxy.upstreams(app.as_str()).first() {
+        Some(u) => (format!("http://{}/", u.addr), host),
+        None => (p.app_url(app), host),
+    }
+}
+
+/// A copy of an immutable release tree that shares its files (hard links):
+/// promotion reuses the build instead of copying it.
+async fn link_tree(from: &Path, to: &Path) -> Result<()> {
+    let out = tokio::process::Command::new("cp")
+        .arg("-al")
+        .arg(from)
+        .arg(to)
+        .output()
+        .await
+        .context("running cp")?;
+    if !out.status.success() {
+        bail!("copying the release tree: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
 }
 
 /// Start fresh processes of the live release (health-checked, switched).
@@ -866,6 +1002,7 @@ async fn finish(
             progress.step(&format!("v{version} is live at {} ({secs:.1}s)", p.app_url(app)));
             log.write("slipway", &format!("{action}: v{version} is live ({secs:.1}s)"));
             p.event(Some(app), actor, action, &format!("v{version}"), "ok").await;
+            p.notify(app, actor, action, version, "ok", "").await;
             if let Err(e) = collect_releases(p, app).await {
                 tracing::warn!(app = %app, error = %format!("{e:#}"), "collecting old releases failed");
             }
@@ -882,7 +1019,9 @@ async fn finish(
                 let _ = tokio::fs::remove_dir_all(p.layout.release(app, version)).await;
             }
             collect_envs(p).await;
-            p.event(Some(app), actor, action, &format!("v{version}: {}", reason.lines().next().unwrap_or("")), "failed").await;
+            let first = reason.lines().next().unwrap_or("");
+            p.event(Some(app), actor, action, &format!("v{version}: {first}"), "failed").await;
+            p.notify(app, actor, action, version, "failed", first).await;
             Err(e.context(DeployFailed))
         }
     }

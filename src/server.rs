@@ -60,9 +60,10 @@ pub struct Push {
 
 struct PushEntry {
     push: Push,
-    /// The app's lock, once the push's deploy succeeded: held until
-    /// receive-pack has updated the refs and the push ends.
-    held: Option<crate::release::AppGuard>,
+    /// Once the push's deploy succeeded: the app's lock, held until
+    /// receive-pack has updated the refs and the push ends, and the
+    /// deployed commit, tagged then.
+    held: Option<crate::release::PushOutcome>,
 }
 
 impl Platform {
@@ -114,15 +115,53 @@ impl Platform {
         self.pushes.lock().unwrap_or_else(|e| e.into_inner()).get(id).map(|e| e.push.clone())
     }
 
-    /// Keep the app locked until the push ends.
-    pub fn hold_until_push_ends(&self, id: &str, guard: crate::release::AppGuard) {
+    /// Keep the app locked until the push ends; tag the deploy then.
+    pub fn hold_until_push_ends(&self, id: &str, outcome: crate::release::PushOutcome) {
         if let Some(e) = self.pushes.lock().unwrap_or_else(|e| e.into_inner()).get_mut(id) {
-            e.held = Some(guard);
+            e.held = Some(outcome);
         }
     }
 
-    pub fn end_push(&self, id: &str) {
-        self.pushes.lock().unwrap_or_else(|e| e.into_inner()).remove(id);
+    /// The push's git exchange is over: receive-pack has updated the refs
+    /// and the objects left quarantine. Tag the deploy, then let the next
+    /// operation on the app in.
+    pub fn end_push(self: &Arc<Self>, id: &str) {
+        let entry = self.pushes.lock().unwrap_or_else(|e| e.into_inner()).remove(id);
+        let Some(PushEntry { push, held: Some(outcome) }) = entry else { return };
+        let p = self.clone();
+        tokio::spawn(async move {
+            if let Some(commit) = &outcome.deployed {
+                crate::release::tag(&p, &push.app, commit, &crate::progress::Progress::default()).await;
+            }
+            drop(outcome.guard);
+        });
+    }
+
+    /// Tell the app's webhook, if it has one, how a deploy ended. Never
+    /// waits for the receiver: delivery (with retries) runs on its own.
+    pub async fn notify(&self, app: &AppName, actor: &Actor, action: &str, version: u32, outcome: &str, detail: &str) {
+        let a = app.clone();
+        let Ok(Some(url)) = self.store.call(move |s| s.webhook(&a)).await else { return };
+        let a = app.clone();
+        let commit = self
+            .store
+            .call(move |s| s.release(&a, version))
+            .await
+            .ok()
+            .flatten()
+            .map(|r| r.commit);
+        let payload = serde_json::json!({
+            "app": app.as_str(),
+            "action": action,
+            "release": format!("v{version}"),
+            "commit": commit,
+            "outcome": outcome,
+            "detail": detail,
+            "actor": actor.0,
+            "at": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            "url": self.app_url(app),
+        });
+        crate::notify::deliver(url, payload);
     }
 }
 

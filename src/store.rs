@@ -127,6 +127,10 @@ CREATE TABLE IF NOT EXISTS tokens (
     app TEXT,
     created_at TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS webhooks (
+    app TEXT PRIMARY KEY REFERENCES apps(name) ON DELETE CASCADE,
+    url TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     at TEXT NOT NULL,
@@ -208,7 +212,7 @@ impl Store {
     pub fn delete_app(&self, app: &AppName) -> Result<()> {
         self.with(|c| {
             let tx = c.transaction()?;
-            for table in ["releases", "config", "scale", "domains"] {
+            for table in ["releases", "config", "scale", "domains", "webhooks"] {
                 tx.execute(&format!("DELETE FROM {table} WHERE app = ?1"), params![app.as_str()])?;
             }
             tx.execute("DELETE FROM tokens WHERE app = ?1", params![app.as_str()])?;
@@ -444,6 +448,29 @@ impl Store {
                 )?;
             }
             tx.commit()
+        })
+    }
+
+    // ---- webhooks ----
+
+    pub fn webhook(&self, app: &AppName) -> Result<Option<String>> {
+        self.with(|c| {
+            c.query_row("SELECT url FROM webhooks WHERE app = ?1", params![app.as_str()], |r| r.get(0))
+                .optional()
+        })
+    }
+
+    pub fn set_webhook(&self, app: &AppName, url: Option<&str>) -> Result<()> {
+        self.with(|c| {
+            match url {
+                Some(u) => c.execute(
+                    "INSERT INTO webhooks (app, url) VALUES (?1, ?2)
+                     ON CONFLICT (app) DO UPDATE SET url = excluded.url",
+                    params![app.as_str(), u],
+                )?,
+                None => c.execute("DELETE FROM webhooks WHERE app = ?1", params![app.as_str()])?,
+            };
+            Ok(())
         })
     }
 

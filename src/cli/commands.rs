@@ -9,7 +9,7 @@ use http_body_util::BodyExt;
 use hyper::Method;
 use serde_json::{json, Value};
 
-use super::{out, AppsCmd, Cli, Command, ConfigCmd, DomainsCmd, TokensCmd};
+use super::{out, AppsCmd, Cli, Command, ConfigCmd, DomainsCmd, TokensCmd, WebhookCmd};
 use crate::client::Endpoint;
 
 /// Run a client subcommand; returns the process exit code.
@@ -148,6 +148,22 @@ pub async fn dispatch(cli: Cli) -> Result<i32> {
                 .operation(Method::POST, &format!("/api/apps/{}/run", seg(&app)), Some(&json!({ "command": line })), |l| out(l))
                 .await?;
             return Ok(v["exit_code"].as_i64().unwrap_or(1) as i32);
+        }
+        Command::Promote { app, to } => {
+            let body = json!({ "to": to });
+            api.operation(Method::POST, &format!("/api/apps/{}/promote", seg(&app)), Some(&body), progress).await?;
+        }
+        Command::Webhook(WebhookCmd::Set { app, url }) => {
+            api.json(Method::PUT, &format!("/api/apps/{}/webhook", seg(&app)), Some(&json!({ "url": url }))).await?;
+            out(&format!("{app} notifies {url} of every deploy"));
+        }
+        Command::Webhook(WebhookCmd::Show { app }) => {
+            let v = api.json(Method::GET, &format!("/api/apps/{}/webhook", seg(&app)), None).await?;
+            out(&s(&v["url"]));
+        }
+        Command::Webhook(WebhookCmd::Unset { app }) => {
+            api.json(Method::DELETE, &format!("/api/apps/{}/webhook", seg(&app)), None).await?;
+            out(&format!("{app} has no webhook"));
         }
         Command::Domains(DomainsCmd::Add { app, host }) => {
             api.json(Method::POST, &format!("/api/apps/{}/domains", seg(&app)), Some(&json!({ "host": host }))).await?;

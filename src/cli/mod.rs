@@ -84,6 +84,15 @@ pub enum Command {
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
+    /// Promote a staging app's live build to another app, after its checks
+    Promote {
+        app: String,
+        #[arg(long)]
+        to: String,
+    },
+    /// Set, show or remove the URL notified of every deploy
+    #[command(subcommand)]
+    Webhook(WebhookCmd),
     /// Manage an app's domains
     #[command(subcommand)]
     Domains(DomainsCmd),
@@ -163,6 +172,13 @@ pub enum ConfigCmd {
         #[arg(required = true)]
         keys: Vec<String>,
     },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum WebhookCmd {
+    Set { app: String, url: String },
+    Show { app: String },
+    Unset { app: String },
 }
 
 #[derive(Subcommand, Debug)]
