@@ -109,26 +109,33 @@ impl Builder {
     }
 
     /// The interpreter for a pin such as `3.11` or `3.11.7`; with no pin,
-    /// the server's `python3`. Refuses a pin the server cannot satisfy.
+    /// a `python3`. Refuses a pin the server cannot satisfy.
+    ///
+    /// The distribution's interpreter comes first: system app servers that
+    /// embed Python (Debian's uWSGI plugin, mod_wsgi) are built against its
+    /// libpython, and a virtualenv from another build of the same minor
+    /// version loads in them only partly (its `ssl` fails on a missing
+    /// symbol while the app still answers). `PATH` (pyenv and the like)
+    /// is searched after, so an exact pin such as `3.11.7` still finds it.
     async fn find_interpreter(&self, pin: Option<&str>) -> Result<Interpreter> {
-        let candidates: Vec<String> = match pin {
-            None => vec!["python3".into()],
-            Some(v) => {
-                let mm: Vec<&str> = v.split('.').take(2).collect();
-                vec![format!("python{}", mm.join(".")), "python3".into()]
-            }
+        let name = match pin {
+            None => "python3".to_string(),
+            Some(v) => format!("python{}", v.split('.').take(2).collect::<Vec<_>>().join(".")),
         };
-        let mut seen = Vec::new();
-        for name in candidates {
-            let Some(found) = self.probe_interpreter(&name).await else { continue };
-            let ok = match pin {
-                None => true,
-                Some(p) => version_matches(p, &found.version),
-            };
-            if ok {
+        let mut candidates: Vec<String> = ["/usr/bin", "/usr/local/bin"].iter().map(|d| format!("{d}/{name}")).collect();
+        candidates.push(name.clone());
+        if name != "python3" {
+            candidates.push("python3".into());
+        }
+        let mut seen: Vec<String> = Vec::new();
+        for candidate in candidates {
+            let Some(found) = self.probe_interpreter(&candidate).await else { continue };
+            if pin.is_none_or(|p| version_matches(p, &found.version)) {
                 return Ok(found);
             }
-            seen.push(found.version);
+            if !seen.contains(&found.version) {
+                seen.push(found.version);
+            }
         }
         let pin = pin.unwrap_or("3");
         if seen.is_empty() {

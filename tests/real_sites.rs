@@ -1,0 +1,52 @@
+//! Real public Django sites deploy unchanged (issue 3). Slow: they install
+//! dozens of packages and run hundreds of migrations, so they run when
+//! SLIPWAY_SLOW_TESTS=1 (CI sets it), and say so when skipped.
+
+mod util;
+
+use std::time::Duration;
+
+use util::*;
+
+fn slow_tests_enabled(name: &str) -> bool {
+    let on = std::env::var("SLIPWAY_SLOW_TESTS").is_ok_and(|v| v == "1");
+    if !on {
+        eprintln!("skipping {name}: set SLIPWAY_SLOW_TESTS=1 to run it");
+    }
+    on
+}
+
+/// Wagtail's own project template (wagtail start), run by uWSGI from its
+/// Procfile, migrated by `yes "yes" | python manage.py migrate`, with its
+/// database under SLIPWAY_DATA_DIR through DATABASE_URL.
+#[test]
+fn wagtail_site_under_uwsgi_deploys_and_keeps_its_data() {
+    if !slow_tests_enabled("wagtail_site_under_uwsgi_deploys_and_keeps_its_data") {
+        return;
+    }
+    let server = TestServer::start();
+    server.ok(&["apps", "create", "wagtail"]);
+    let db = server.data().join("apps/wagtail/data/db.sqlite3");
+    server.ok(&["config", "set", "wagtail", &format!("DATABASE_URL=sqlite:///{}", db.display())]);
+    let repo = AppRepo::example("wagtail-site");
+    let out = repo.deploy(&server, "wagtail");
+    assert!(out.contains("release phase: yes \"yes\" | python manage.py migrate"), "{out}");
+    assert!(out.contains("Applying wagtailcore"), "{out}");
+    let body = server.wait_body("wagtail", "Welcome to your new Wagtail site", Duration::from_secs(30));
+    assert!(body.contains("/static/"), "{body}");
+    assert!(db.is_file(), "the database lives in the app's data dir");
+
+    let out = server.cli(&[
+        "run", "wagtail", "--", "python", "manage.py", "shell", "-c",
+        "from wagtail.models import Page; p = Page.objects.get(depth=2).specific; p.title = 'Kept across releases'; p.save_revision().publish(); print('renamed')",
+    ]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("renamed"), "{:?} {} {}", out.status, String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+
+    // A code change: new release, same database.
+    repo.write("home/templates/home/welcome_page.html", &std::fs::read_to_string(repo.path().join("home/templates/home/welcome_page.html")).expect("template").replace("Welcome to your new Wagtail site!", "Welcome to the second release!"));
+    repo.commit("second release");
+    let out = repo.deploy(&server, "wagtail");
+    assert!(out.contains("No migrations to apply"), "{out}");
+    let body = server.wait_body("wagtail", "second release", Duration::from_secs(30));
+    assert!(body.contains("Kept across releases"), "the data survived the release:\n{body}");
+}
