@@ -155,16 +155,26 @@ def env_outcome(log_path):
 class Server:
     """A slipway daemon on ephemeral ports, stopped with SIGTERM (and waited for)."""
 
-    def __init__(self, binary, data, stderr_path, env=None, ready_timeout=60.0):
+    def __init__(self, binary, data, stderr_path, env=None, ready_timeout=60.0,
+                 api="127.0.0.1:0", http="127.0.0.1:0", ssh="127.0.0.1:0", on_spawn=None):
+        """Start `slipway server` and wait for its ready line.
+
+        api/http/ssh: listen addresses (HOST:PORT; port 0 = ephemeral). To
+        restart a daemon on the same ports, pass `host_port(old.api)` etc.
+        on_spawn(server) is called right after the process is spawned, before
+        waiting for readiness, so a caller can track it for cleanup.
+        """
         self.data = data
         self.stderr_path = stderr_path
         self._err = open(stderr_path, "ab")
         self.proc = subprocess.Popen(
-            [binary, "server", "--data", data, "--api", "127.0.0.1:0", "--http", "127.0.0.1:0",
-             "--ssh", "127.0.0.1:0", "--domain", "localhost"],
+            [binary, "server", "--data", data, "--api", api, "--http", http,
+             "--ssh", ssh, "--domain", "localhost"],
             stdout=subprocess.PIPE, stderr=self._err, env=env,
         )
         self.api = self.http = None
+        if on_spawn is not None:
+            on_spawn(self)
         line = self._read_ready(ready_timeout)
         fields = dict(kv.split("=", 1) for kv in line.split()[2:])
         self.api, self.http = fields["api"], fields["http"]
@@ -190,6 +200,14 @@ class Server:
         h = urlsplit(self.api)
         return "http://git:%s@%s:%d/git/%s.git" % (self.token, h.hostname, h.port, app)
 
+    def kill(self):
+        """SIGKILL the daemon only (its apps keep running) and reap it."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        self._err.close()
+        return self.proc.returncode
+
     def stop(self, timeout=60.0):
         """SIGTERM, wait; SIGKILL (and the app process groups it recorded) as a last resort."""
         if self.proc.poll() is None:
@@ -202,6 +220,12 @@ class Server:
                 kill_recorded_groups(self.data)
         self._err.close()
         return self.proc.returncode
+
+
+def host_port(url):
+    """'http://127.0.0.1:8080' -> '127.0.0.1:8080' (for restarting on the same address)."""
+    h, p = split_http(url)
+    return "%s:%d" % (h, p)
 
 
 def recorded_groups(data):

@@ -88,6 +88,8 @@ fn router(p: Shared, transport: Transport) -> Router {
         .route("/api/apps/{app}/webhook", get(get_webhook).put(set_webhook).delete(delete_webhook))
         .route("/api/apps/{app}/domains", get(list_domains).post(add_domain))
         .route("/api/apps/{app}/domains/{host}", delete(remove_domain))
+        .route("/api/keys", get(list_keys).post(add_key))
+        .route("/api/keys/{name}", delete(remove_key))
         .route("/api/tokens", get(list_tokens).post(create_token))
         .route("/api/tokens/{name}", delete(revoke_token))
         .route("/api/events", get(events))
@@ -166,6 +168,9 @@ async fn lookup_token(p: &Shared, token: &str) -> ApiResult<Option<Principal>> {
         return Ok(None);
     }
     let hash = auth::hash_token(token);
+    if let Some(principal) = p.session_principal(&hash) {
+        return Ok(Some(principal));
+    }
     let t = p.store.call(move |s| s.token_by_hash(&hash)).await?;
     Ok(t.map(|t| Principal { name: t.name, scope: t.app }))
 }
@@ -697,6 +702,47 @@ async fn remove_domain(State(p): State<Shared>, auth: Auth, Path((name, host)): 
     p.register_routes(&app).await;
     p.event(Some(&app), &auth.actor(), "domains:remove", &host, "ok").await;
     Ok(Json(json!({ "removed": host })).into_response())
+}
+
+async fn list_keys(State(p): State<Shared>, auth: Auth) -> ApiResult {
+    auth.admin()?;
+    Ok(Json(p.store.call(|s| s.keys()).await?).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KeyReq {
+    name: String,
+    key: String,
+    app: Option<String>,
+}
+
+async fn add_key(State(p): State<Shared>, auth: Auth, body: Bytes) -> ApiResult {
+    auth.admin()?;
+    let req: KeyReq = parse_body(&body)?;
+    names::check_label(&req.name)?;
+    let scope = match &req.app {
+        Some(a) => Some(auth.app(&p, a).await?),
+        None => None,
+    };
+    let (public_key, fingerprint) = crate::ssh::parse_public_key(&req.key).map_err(|e| ApiError::bad(format!("{e:#}")))?;
+    let (n, f, k, s2) = (req.name.clone(), fingerprint.clone(), public_key, scope.clone());
+    if !p.store.call(move |s| s.add_key(&n, &f, &k, s2.as_ref())).await? {
+        return Err(ApiError::new(StatusCode::CONFLICT, format!("a key named {} or with fingerprint {fingerprint} exists", req.name)));
+    }
+    p.event(scope.as_ref(), &auth.actor(), "keys:add", &format!("{} {fingerprint}", req.name), "ok").await;
+    Ok((StatusCode::CREATED, Json(json!({ "name": req.name, "fingerprint": fingerprint, "app": req.app }))).into_response())
+}
+
+async fn remove_key(State(p): State<Shared>, auth: Auth, Path(name): Path<String>) -> ApiResult {
+    auth.admin()?;
+    names::check_label(&name)?;
+    let n = name.clone();
+    if !p.store.call(move |s| s.remove_key(&n)).await? {
+        return Err(ApiError::new(StatusCode::NOT_FOUND, format!("no key named {name}")));
+    }
+    p.event(None, &auth.actor(), "keys:remove", &name, "ok").await;
+    Ok(Json(json!({ "removed": name })).into_response())
 }
 
 async fn list_tokens(State(p): State<Shared>, auth: Auth) -> ApiResult {

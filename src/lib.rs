@@ -17,5 +17,6 @@ pub mod proxy;
 pub mod release;
 pub mod runtime;
 pub mod server;
+pub mod ssh;
 pub mod store;
 pub mod supervisor;

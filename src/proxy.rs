@@ -251,7 +251,13 @@ impl Proxy {
                     continue;
                 }
                 Err(e) => {
-                    tracing::warn!(%host, upstream = %upstream.addr, error = %e, "upstream request failed");
+                    // A refused connection is what a restarting app looks
+                    // like; one line per request would flood the log.
+                    if e.is_connect() {
+                        tracing::debug!(%host, upstream = %upstream.addr, error = %e, "upstream refused the connection");
+                    } else {
+                        tracing::warn!(%host, upstream = %upstream.addr, error = %e, "upstream request failed");
+                    }
                     return page(
                         StatusCode::BAD_GATEWAY,
                         "bad gateway",

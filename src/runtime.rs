@@ -86,9 +86,23 @@ pub fn signal_main(pid: i32, signal: i32) {
     }
 }
 
-/// Is any process of the group still alive?
+/// Is any process of the group still alive? Zombies do not count: after
+/// a daemon crash its apps belong to init, which may reap them slowly, and
+/// a dead process holds no port and serves no request.
 pub fn group_alive(pgid: i32) -> bool {
-    signal_group(pgid, 0)
+    if !signal_group(pgid, 0) {
+        return false;
+    }
+    let Ok(entries) = std::fs::read_dir("/proc") else { return true };
+    entries.flatten().any(|e| {
+        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else { return false };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return false };
+        // After the command name: state, ppid, pgrp, ...
+        let mut rest = stat.rsplit(')').next().unwrap_or("").split_whitespace();
+        let state = rest.next().unwrap_or("Z");
+        let pgrp: i32 = rest.nth(1).and_then(|g| g.parse().ok()).unwrap_or(0);
+        pgrp == pgid && state != "Z" && state != "X"
+    })
 }
 
 /// A process's start time in clock ticks since boot (field 22 of

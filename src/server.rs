@@ -49,6 +49,10 @@ pub struct Platform {
     app_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Pushes under way, by the id handed to their hook.
     pushes: Mutex<HashMap<String, PushEntry>>,
+    /// Credentials that live for one SSH command (token hash → who).
+    sessions: Mutex<HashMap<String, crate::auth::Principal>>,
+    /// The API's address, for commands run on behalf of SSH clients.
+    pub api_addr: std::net::SocketAddr,
 }
 
 /// Who is pushing to which app, registered for the duration of one push.
@@ -103,6 +107,21 @@ impl Platform {
         if let Err(e) = self.store.call(move |s| s.record_event(app.as_deref(), &actor, &action, &detail, &outcome)).await {
             tracing::warn!(error = %format!("{e:#}"), "recording event failed");
         }
+    }
+
+    /// A token valid until [`Platform::end_session`], acting as `principal`.
+    pub fn begin_session(&self, principal: crate::auth::Principal) -> String {
+        let token = auth::generate_token();
+        self.sessions.lock().unwrap_or_else(|e| e.into_inner()).insert(auth::hash_token(&token), principal);
+        token
+    }
+
+    pub fn end_session(&self, token: &str) {
+        self.sessions.lock().unwrap_or_else(|e| e.into_inner()).remove(&auth::hash_token(token));
+    }
+
+    pub fn session_principal(&self, token_hash: &str) -> Option<crate::auth::Principal> {
+        self.sessions.lock().unwrap_or_else(|e| e.into_inner()).get(token_hash).cloned()
     }
 
     pub fn register_push(&self, push: Push) -> String {
@@ -176,6 +195,8 @@ pub async fn run(cfg: ServerConfig) -> Result<()> {
 
     let api_listener = TcpListener::bind(cfg.api).await.with_context(|| format!("binding API address {}", cfg.api))?;
     let http_listener = TcpListener::bind(cfg.http).await.with_context(|| format!("binding HTTP address {}", cfg.http))?;
+    let ssh_listener = TcpListener::bind(cfg.ssh).await.with_context(|| format!("binding SSH address {}", cfg.ssh))?;
+    let ssh_addr = ssh_listener.local_addr().context("SSH address")?;
     let sock = layout.socket();
     let _ = std::fs::remove_file(&sock);
     let unix_listener = UnixListener::bind(&sock).with_context(|| format!("binding {}", sock.display()))?;
@@ -197,6 +218,8 @@ pub async fn run(cfg: ServerConfig) -> Result<()> {
         keep_releases: cfg.keep_releases,
         app_locks: Mutex::default(),
         pushes: Mutex::default(),
+        sessions: Mutex::default(),
+        api_addr,
         layout,
     });
 
@@ -217,14 +240,19 @@ pub async fn run(cfg: ServerConfig) -> Result<()> {
     let proxy_task = tokio::spawn(platform.proxy.clone().serve(http_listener, shutdown_rx.clone()));
     let api_tcp = tokio::spawn(crate::api::serve_tcp(platform.clone(), api_listener, shutdown_rx.clone()));
     let api_unix = tokio::spawn(crate::api::serve_unix(platform.clone(), unix_listener, shutdown_rx.clone()));
+    let ssh_config = crate::ssh::config(&platform.layout)?;
+    let ssh_task = tokio::spawn(crate::ssh::serve(platform.clone(), ssh_config, ssh_listener, shutdown_rx.clone()));
 
     crate::release::restore_all(&platform).await;
     crate::api::set_ready();
-    tracing::info!(api = %api_addr, http = %http_addr, ssh = %cfg.ssh, domain = %cfg.domain, "slipway ready");
+    tracing::info!(api = %api_addr, http = %http_addr, ssh = %ssh_addr, domain = %cfg.domain, "slipway ready");
     // One machine-readable line on stdout, for scripts and tests that bind port 0.
     #[allow(clippy::print_stdout)]
     {
-        println!("slipway ready api=http://{api_addr} http=http://{http_addr} data={}", cfg.data.display());
+        println!(
+            "slipway ready api=http://{api_addr} http=http://{http_addr} ssh=ssh://{ssh_addr} data={}",
+            cfg.data.display()
+        );
     }
 
     let fast = wait_for_signal().await;
@@ -244,7 +272,7 @@ pub async fn run(cfg: ServerConfig) -> Result<()> {
     }
     futures_util::future::join_all(all.iter().map(|i| i.stop())).await;
     let _ = tokio::time::timeout(std::time::Duration::from_secs(5), async {
-        let _ = tokio::join!(proxy_task, api_tcp, api_unix);
+        let _ = tokio::join!(proxy_task, api_tcp, api_unix, ssh_task);
     })
     .await;
     let _ = std::fs::remove_file(&sock);

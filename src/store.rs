@@ -76,6 +76,14 @@ pub struct Token {
 }
 
 #[derive(Debug, Clone, Serialize)]
+pub struct SshKey {
+    pub name: String,
+    pub fingerprint: String,
+    pub app: Option<String>,
+    pub created_at: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
 pub struct Event {
     pub id: i64,
     pub at: String,
@@ -124,6 +132,13 @@ CREATE TABLE IF NOT EXISTS domains (
 CREATE TABLE IF NOT EXISTS tokens (
     name TEXT PRIMARY KEY,
     hash TEXT NOT NULL UNIQUE,
+    app TEXT,
+    created_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS keys (
+    name TEXT PRIMARY KEY,
+    fingerprint TEXT NOT NULL UNIQUE,
+    public_key TEXT NOT NULL,
     app TEXT,
     created_at TEXT NOT NULL
 );
@@ -216,6 +231,7 @@ impl Store {
                 tx.execute(&format!("DELETE FROM {table} WHERE app = ?1"), params![app.as_str()])?;
             }
             tx.execute("DELETE FROM tokens WHERE app = ?1", params![app.as_str()])?;
+            tx.execute("DELETE FROM keys WHERE app = ?1", params![app.as_str()])?;
             tx.execute("DELETE FROM apps WHERE name = ?1", params![app.as_str()])?;
             tx.commit()
         })
@@ -472,6 +488,45 @@ impl Store {
             };
             Ok(())
         })
+    }
+
+    // ---- SSH keys ----
+
+    /// Register a key; false when the name or the key is taken.
+    pub fn add_key(&self, name: &str, fingerprint: &str, public_key: &str, app: Option<&AppName>) -> Result<bool> {
+        self.with(|c| {
+            let n = c.execute(
+                "INSERT OR IGNORE INTO keys (name, fingerprint, public_key, app, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![name, fingerprint, public_key, app.map(|a| a.as_str()), now()],
+            )?;
+            Ok(n == 1)
+        })
+    }
+
+    pub fn key_by_fingerprint(&self, fingerprint: &str) -> Result<Option<SshKey>> {
+        self.with(|c| {
+            c.query_row(
+                "SELECT name, fingerprint, app, created_at FROM keys WHERE fingerprint = ?1",
+                params![fingerprint],
+                |r| Ok(SshKey { name: r.get(0)?, fingerprint: r.get(1)?, app: r.get(2)?, created_at: r.get(3)? }),
+            )
+            .optional()
+        })
+    }
+
+    pub fn keys(&self) -> Result<Vec<SshKey>> {
+        self.with(|c| {
+            let mut st = c.prepare("SELECT name, fingerprint, app, created_at FROM keys ORDER BY name")?;
+            let rows = st.query_map([], |r| {
+                Ok(SshKey { name: r.get(0)?, fingerprint: r.get(1)?, app: r.get(2)?, created_at: r.get(3)? })
+            })?;
+            rows.collect()
+        })
+    }
+
+    pub fn remove_key(&self, name: &str) -> Result<bool> {
+        self.with(|c| Ok(c.execute("DELETE FROM keys WHERE name = ?1", params![name])? == 1))
     }
 
     // ---- tokens ----

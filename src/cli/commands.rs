@@ -9,7 +9,7 @@ use http_body_util::BodyExt;
 use hyper::Method;
 use serde_json::{json, Value};
 
-use super::{out, AppsCmd, Cli, Command, ConfigCmd, DomainsCmd, TokensCmd, WebhookCmd};
+use super::{out, AppsCmd, Cli, Command, ConfigCmd, DomainsCmd, KeysCmd, TokensCmd, WebhookCmd};
 use crate::client::Endpoint;
 
 /// Run a client subcommand; returns the process exit code.
@@ -182,6 +182,26 @@ pub async fn dispatch(cli: Cli) -> Result<i32> {
                     out(&s(h));
                 }
             }
+        }
+        Command::Keys(KeysCmd::Add { name, key, app }) => {
+            let key = match key {
+                Some(k) => k,
+                None => {
+                    let mut line = String::new();
+                    std::io::stdin().read_line(&mut line).context("reading the key from stdin")?;
+                    line
+                }
+            };
+            let v = api.json(Method::POST, "/api/keys", Some(&json!({ "name": name, "key": key.trim(), "app": app }))).await?;
+            out(&format!("added key {name} ({})", s(&v["fingerprint"])));
+        }
+        Command::Keys(KeysCmd::List { json }) => {
+            let v = api.json(Method::GET, "/api/keys", None).await?;
+            table(&v, json, &[("name", "NAME"), ("fingerprint", "FINGERPRINT"), ("app", "APP"), ("created_at", "CREATED")]);
+        }
+        Command::Keys(KeysCmd::Remove { name }) => {
+            api.json(Method::DELETE, &format!("/api/keys/{}", seg(&name)), None).await?;
+            out(&format!("removed key {name}"));
         }
         Command::Tokens(TokensCmd::Create { name, app }) => {
             let v = api.json(Method::POST, "/api/tokens", Some(&json!({ "name": name, "app": app }))).await?;

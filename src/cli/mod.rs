@@ -96,6 +96,9 @@ pub enum Command {
     /// Manage an app's domains
     #[command(subcommand)]
     Domains(DomainsCmd),
+    /// Manage SSH keys (git over SSH, and the CLI over SSH)
+    #[command(subcommand)]
+    Keys(KeysCmd),
     /// Manage API tokens
     #[command(subcommand)]
     Tokens(TokensCmd),
@@ -124,7 +127,7 @@ pub struct ServerArgs {
     /// HTTPS for the apps (not served yet: refused when given)
     #[arg(long)]
     pub https: Option<SocketAddr>,
-    /// Git over SSH (not served yet)
+    /// Git over SSH, and the CLI over SSH
     #[arg(long, default_value = "0.0.0.0:2222")]
     pub ssh: SocketAddr,
     /// Apps answer at APP.DOMAIN
@@ -190,6 +193,24 @@ pub enum DomainsCmd {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum KeysCmd {
+    /// Register a public key (from --key, or one line on stdin)
+    Add {
+        name: String,
+        #[arg(long)]
+        key: Option<String>,
+        /// Limit the key to one app (a deployer); without it, admin
+        #[arg(long)]
+        app: Option<String>,
+    },
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    Remove { name: String },
 }
 
 #[derive(Subcommand, Debug)]
