@@ -796,15 +796,25 @@ fn plural(n: usize) -> &'static str {
 }
 
 /// Set a file's times to now, as `touch` does (uWSGI watches the mtime).
+/// The path comes from a pushed repo: only an existing regular file is
+/// touched, never a symlink (which could point anywhere), never created.
 async fn touch(path: &Path) -> Result<()> {
     let path = path.to_path_buf();
-    tokio::task::spawn_blocking(move || {
-        let f = std::fs::OpenOptions::new().append(true).create(true).open(&path)?;
-        f.set_modified(std::time::SystemTime::now())
+    tokio::task::spawn_blocking(move || -> Result<()> {
+        let meta = std::fs::symlink_metadata(&path).with_context(|| format!("the reload file {} does not exist", path.display()))?;
+        if !meta.file_type().is_file() {
+            bail!("the reload file {} must be a regular file, not a symlink or directory", path.display());
+        }
+        use std::os::unix::fs::OpenOptionsExt;
+        let f = std::fs::OpenOptions::new()
+            .append(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        f.set_modified(std::time::SystemTime::now()).context("touching the reload file")
     })
     .await
     .context("touch task")?
-    .context("touching the reload file")
 }
 
 /// Start instances of one type; for `web`, wait until each answers its
@@ -1001,7 +1011,15 @@ async fn finish(
             let secs = started.elapsed().as_secs_f64();
             progress.step(&format!("v{version} is live at {} ({secs:.1}s)", p.app_url(app)));
             log.write("slipway", &format!("{action}: v{version} is live ({secs:.1}s)"));
-            p.event(Some(app), actor, action, &format!("v{version}"), "ok").await;
+            // The release's description says what changed (a commit's
+            // subject, config keys set, the version rolled back to).
+            let a = app.clone();
+            let description = p.store.call(move |s| s.release(&a, version)).await.ok().flatten().map(|r| r.description);
+            let detail = match description {
+                Some(d) if !d.is_empty() => format!("v{version} {d}"),
+                _ => format!("v{version}"),
+            };
+            p.event(Some(app), actor, action, &detail, "ok").await;
             p.notify(app, actor, action, version, "ok", "").await;
             if let Err(e) = collect_releases(p, app).await {
                 tracing::warn!(app = %app, error = %format!("{e:#}"), "collecting old releases failed");

@@ -24,6 +24,7 @@ pub struct TestServer {
     pub dir: tempfile::TempDir,
     pub api: String,
     pub http: String,
+    pub ssh: String,
     pub token: String,
     args: Vec<String>,
 }
@@ -36,7 +37,7 @@ impl TestServer {
     pub fn start_with(extra: &[&str]) -> TestServer {
         let dir = tempfile::tempdir().expect("temp dir");
         let args: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
-        let mut s = TestServer { child: None, dir, api: String::new(), http: String::new(), token: String::new(), args };
+        let mut s = TestServer { child: None, dir, api: String::new(), http: String::new(), ssh: String::new(), token: String::new(), args };
         s.boot("127.0.0.1:0", "127.0.0.1:0");
         s
     }
@@ -61,14 +62,15 @@ impl TestServer {
         let mut line = String::new();
         BufReader::new(stdout).read_line(&mut line).expect("read ready line");
         assert!(line.starts_with("slipway ready"), "server did not start: {line:?}\n{}", self.server_log());
-        let field = |k: &str| {
+        let field = |k: &str, scheme: &str| {
             line.split_whitespace()
-                .find_map(|f| f.strip_prefix(&format!("{k}=http://")))
+                .find_map(|f| f.strip_prefix(&format!("{k}={scheme}://")))
                 .expect("address in ready line")
                 .to_string()
         };
-        self.api = field("api");
-        self.http = field("http");
+        self.api = field("api", "http");
+        self.http = field("http", "http");
+        self.ssh = field("ssh", "ssh");
         self.token = std::fs::read_to_string(self.data().join("admin-token")).expect("admin token").trim().to_string();
         self.child = Some(child);
     }
@@ -109,6 +111,14 @@ impl TestServer {
     pub fn restart(&mut self) {
         let (api, http) = (self.api.clone(), self.http.clone());
         self.boot(&api, &http);
+    }
+
+    pub fn ssh_port(&self) -> &str {
+        self.ssh.rsplit(':').next().unwrap_or("")
+    }
+
+    pub fn ssh_url(&self, app: &str) -> String {
+        format!("ssh://git@{}/{app}.git", self.ssh)
     }
 
     pub fn git_url(&self, app: &str) -> String {
@@ -304,9 +314,14 @@ impl AppRepo {
 
     /// `git push URL REFSPEC`; returns (success, combined output).
     pub fn push(&self, url: &str, refspec: &str) -> (bool, String) {
+        self.push_with_env(url, refspec, &[])
+    }
+
+    pub fn push_with_env(&self, url: &str, refspec: &str, env: &[(&str, String)]) -> (bool, String) {
         let out = Command::new("git")
             .args(["push", url, refspec])
             .current_dir(self.dir.path())
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .env("GIT_TERMINAL_PROMPT", "0")
             .stdin(Stdio::null())
             .output()
@@ -440,5 +455,44 @@ impl KeepAlive {
             self.conn = None;
         }
         (code, String::from_utf8_lossy(&body).to_string())
+    }
+}
+
+/// An SSH key pair made by the real ssh-keygen, and the options that make
+/// the stock OpenSSH client use only it, without prompts or known_hosts.
+pub struct SshKey {
+    pub dir: tempfile::TempDir,
+}
+
+impl SshKey {
+    pub fn new() -> SshKey {
+        let dir = tempfile::tempdir().expect("dir");
+        let out = Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-C", "test@slipway", "-f"])
+            .arg(dir.path().join("id"))
+            .output()
+            .expect("ssh-keygen");
+        assert!(out.status.success());
+        SshKey { dir }
+    }
+
+    pub fn public(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("id.pub")).expect("public key").trim().to_string()
+    }
+
+    /// GIT_SSH_COMMAND for this key.
+    pub fn ssh_command(&self) -> String {
+        format!(
+            "ssh -i {} -o IdentitiesOnly=yes -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR -o BatchMode=yes",
+            self.dir.path().join("id").display()
+        )
+    }
+
+    /// Run `ssh -p PORT git@127.0.0.1 COMMAND...` with this key.
+    pub fn run(&self, server: &TestServer, command: &[&str]) -> Output {
+        let mut args: Vec<String> = self.ssh_command().split_whitespace().skip(1).map(str::to_string).collect();
+        args.extend(["-p".into(), server.ssh_port().into(), "git@127.0.0.1".into()]);
+        args.extend(command.iter().map(|s| s.to_string()));
+        Command::new("ssh").args(&args).stdin(Stdio::null()).output().expect("ssh")
     }
 }
