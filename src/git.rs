@@ -151,6 +151,15 @@ impl Repos {
 /// Read one file of a commit, when it exists and is a regular blob of at
 /// most `max` bytes.
 pub async fn read_file(repo: &Path, q: &Quarantine, commit: &str, path: &str, max: u64) -> Result<Option<Vec<u8>>> {
+    // A symlink is a blob too (holding its target's path): look at the
+    // tree entry's mode, so a link is refused by name, never read as text.
+    let entry = git_q(repo, q, &["ls-tree", "--format=%(objectmode)", commit, "--", path])
+        .output()
+        .await
+        .context("running git ls-tree")?;
+    if String::from_utf8_lossy(&entry.stdout).trim() == "120000" {
+        bail!("{path} is a symlink; slipway reads only regular files from a release");
+    }
     let spec = format!("{commit}:{path}");
     let out = git_q(repo, q, &["cat-file", "-t", &spec]).output().await.context("running git cat-file")?;
     if !out.status.success() || String::from_utf8_lossy(&out.stdout).trim() != "blob" {

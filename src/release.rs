@@ -214,6 +214,14 @@ async fn deploy_locked(
         }
         git::archive(&repo, q, commit, &dir).await?;
         let manifest = Manifest::load(&dir)?;
+        for spec in &manifest.processes {
+            if let Reload::Touch(path) = &spec.reload {
+                let regular = std::fs::symlink_metadata(dir.join(path)).is_ok_and(|m| m.file_type().is_file());
+                if !regular {
+                    bail!("processes.{}.reload: {path} must be a regular file, not a symlink, in the release", spec.name);
+                }
+            }
+        }
         let rt = p.builder.detect(&dir).await?;
         match &rt {
             crate::build::Runtime::Python { deps, interpreter } => progress.step(&format!(
@@ -948,6 +956,9 @@ fn process_env(p: &Platform, app: &AppName, release: &Release, env: Option<&Envi
         ("HOME".into(), data.display().to_string()),
         ("LANG".into(), "C.UTF-8".into()),
         ("PYTHONUNBUFFERED".into(), "1".into()),
+        // Bytecode caches go to the app's data dir: the release tree stays
+        // exactly what was pushed, and caching still works.
+        ("PYTHONPYCACHEPREFIX".into(), data.join(".cache/pycache").display().to_string()),
     ];
     if let Some(env) = env {
         vars.extend(env.vars(p.builder.base_path()));
