@@ -226,7 +226,7 @@ fn parse_request(command: &str) -> Result<Request> {
 
 /// Split a command line as a POSIX shell would, for quoting only: no
 /// expansion of any kind happens.
-fn split_words(s: &str) -> Result<Vec<String>> {
+pub fn split_words(s: &str) -> Result<Vec<String>> {
     let mut words = Vec::new();
     let mut cur = String::new();
     let mut in_word = false;
