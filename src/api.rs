@@ -558,6 +558,7 @@ async fn run_one_off(State(p): State<Shared>, auth: Auth, Path(name): Path<Strin
         .call(move |s| s.live_release(&a))
         .await?
         .ok_or_else(|| ApiError::bad(format!("{app} has no live release to run in")))?;
+    release::ensure_app_dirs(&p, &app).await?;
     let cmd = release::one_off_command(&p, &app, &live, &req.command);
     p.event(Some(&app), &auth.actor(), "run", "", "started").await;
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Value>();

@@ -18,7 +18,7 @@ use tokio::process::Command;
 
 use crate::layout::Layout;
 use crate::progress::Progress;
-use crate::runtime::{self, ProcessCommand};
+use crate::runtime::{self, AppUser, ProcessCommand};
 
 const MARKER: &str = ".slipway-complete";
 const INSTALL_TIMEOUT: Duration = Duration::from_secs(20 * 60);
@@ -162,10 +162,18 @@ impl Builder {
     }
 
     /// Make sure the environment for this release exists; reuse it when
-    /// the key is known.
-    pub async fn prepare(&self, dir: &Path, rt: &Runtime, progress: &Progress) -> Result<Option<Environment>> {
+    /// the key is known. With `as_user` (isolation), the build runs as the
+    /// app's user with the app's own cache dir, into an environment keyed
+    /// by that user too: apps never share a writable environment or cache.
+    pub async fn prepare(
+        &self,
+        dir: &Path,
+        rt: &Runtime,
+        as_user: Option<(AppUser, PathBuf)>,
+        progress: &Progress,
+    ) -> Result<Option<Environment>> {
         let Runtime::Python { deps, interpreter } = rt else { return Ok(None) };
-        let key = env_key(dir, *deps, interpreter)?;
+        let key = env_key(dir, *deps, interpreter, as_user.as_ref().map(|(u, _)| u.uid))?;
         let env = Environment { key: key.clone(), dir: self.layout.env(&key) };
 
         let lock = {
@@ -181,7 +189,11 @@ impl Builder {
         // A directory without the marker is a build that died midway.
         let _ = tokio::fs::remove_dir_all(&env.dir).await;
         tokio::fs::create_dir_all(self.layout.envs()).await.context("creating envs directory")?;
-        match self.build(dir, *deps, interpreter, &env, progress).await {
+        if let Some((user, _)) = &as_user {
+            tokio::fs::create_dir_all(&env.dir).await.context("creating the environment directory")?;
+            chown(&env.dir, *user, 0o755)?;
+        }
+        match self.build(dir, *deps, interpreter, &env, as_user.as_ref(), progress).await {
             Ok(()) => {
                 tokio::fs::write(env.dir.join(MARKER), format!("python {}\n", interpreter.version))
                     .await
@@ -201,24 +213,29 @@ impl Builder {
         deps: Option<PythonDeps>,
         interp: &Interpreter,
         env: &Environment,
+        as_user: Option<&(AppUser, PathBuf)>,
         progress: &Progress,
     ) -> Result<()> {
         let envdir = env.dir.display().to_string();
         let python = interp.path.display().to_string();
+        let (home, uv_cache, user) = match as_user {
+            Some((u, cache)) => (cache.clone(), cache.join("uv"), Some(*u)),
+            None => (self.layout.cache(), self.uv_cache.clone(), None),
+        };
         let run = |line: String, extra: Vec<(String, String)>| {
             let mut vars = vec![
                 ("PATH".to_string(), self.base_path.clone()),
-                ("HOME".to_string(), self.layout.cache().display().to_string()),
-                ("UV_CACHE_DIR".to_string(), self.uv_cache.display().to_string()),
+                ("HOME".to_string(), home.display().to_string()),
+                ("UV_CACHE_DIR".to_string(), uv_cache.display().to_string()),
                 ("UV_PYTHON_DOWNLOADS".to_string(), "never".to_string()),
                 ("UV_NO_PROGRESS".to_string(), "1".to_string()),
-                ("PIP_CACHE_DIR".to_string(), self.layout.cache().join("pip").display().to_string()),
+                ("PIP_CACHE_DIR".to_string(), home.join("pip").display().to_string()),
                 ("PIP_DISABLE_PIP_VERSION_CHECK".to_string(), "1".to_string()),
                 ("LANG".to_string(), "C.UTF-8".to_string()),
             ];
             vars.extend(host_package_settings());
             vars.extend(extra);
-            ProcessCommand { command: line, cwd: dir.to_path_buf(), env: vars }
+            ProcessCommand { command: line, cwd: dir.to_path_buf(), env: vars, user }
         };
         let q = shell_quote;
         if let Some(uv) = self.uv(progress).await {
@@ -258,25 +275,52 @@ impl Builder {
     }
 
     /// uv from the server's PATH, from the interpreter's `uv` package, or
-    /// installed once from PyPI into DIR/tools; `None` means use pip.
+    /// installed once from PyPI into DIR/tools; `None` means use pip. uv is
+    /// one static binary: a found one is linked (or copied) into DIR/tools,
+    /// where app users can run it even when it lives under /root.
     async fn uv(&self, progress: &Progress) -> Option<PathBuf> {
         self.uv
             .get_or_init(|| async {
-                if let Some(p) = which("uv", &self.base_path) {
-                    return Some(p);
-                }
-                let out = Command::new("python3")
-                    .args(["-c", "import uv; print(uv.find_uv_bin())"])
-                    .env("PATH", &self.base_path)
-                    .output()
-                    .await
-                    .ok()?;
-                if out.status.success() {
-                    let p = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
-                    if p.is_file() {
-                        return Some(p);
+                let found = self.find_uv().await;
+                if let Some(found) = found {
+                    let bin = self.layout.tools().join("bin/uv");
+                    if bin.is_file() {
+                        return Some(bin);
                     }
+                    let _ = std::fs::create_dir_all(self.layout.tools().join("bin"));
+                    if std::fs::hard_link(&found, &bin).is_ok() || std::fs::copy(&found, &bin).is_ok() {
+                        use std::os::unix::fs::PermissionsExt;
+                        let _ = std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755));
+                        return Some(bin);
+                    }
+                    return Some(found);
                 }
+                self.install_uv(progress).await
+            })
+            .await
+            .clone()
+    }
+
+    async fn find_uv(&self) -> Option<PathBuf> {
+        if let Some(p) = which("uv", &self.base_path) {
+            // A pyenv shim is a script that needs pyenv: resolve it.
+            if !p.to_string_lossy().contains("/shims/") {
+                return Some(p);
+            }
+        }
+        let out = Command::new("python3")
+            .args(["-c", "import uv; print(uv.find_uv_bin())"])
+            .env("PATH", &self.base_path)
+            .output()
+            .await
+            .ok()?;
+        let p = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        (out.status.success() && p.is_file()).then_some(p)
+    }
+
+    async fn install_uv(&self, progress: &Progress) -> Option<PathBuf> {
+        {
+            {
                 let tools = self.layout.tools().join("uv");
                 let bin = tools.join("bin/uv");
                 if bin.is_file() {
@@ -291,6 +335,7 @@ impl Builder {
                     command: line,
                     cwd: self.layout.root().to_path_buf(),
                     env: vec![("PATH".into(), self.base_path.clone()), ("HOME".into(), self.layout.cache().display().to_string())],
+                    user: None,
                 };
                 match runtime::run_to_end(&cmd, progress, INSTALL_TIMEOUT).await {
                     Ok(()) if bin.is_file() => Some(bin),
@@ -299,9 +344,8 @@ impl Builder {
                         None
                     }
                 }
-            })
-            .await
-            .clone()
+            }
+        }
     }
 
     /// Remove environments that no kept release uses.
@@ -394,9 +438,12 @@ fn version_matches(pin: &str, actual: &str) -> bool {
     pin.split('.').enumerate().all(|(i, p)| a.get(i) == Some(&p))
 }
 
-fn env_key(dir: &Path, deps: Option<PythonDeps>, interp: &Interpreter) -> Result<String> {
+fn env_key(dir: &Path, deps: Option<PythonDeps>, interp: &Interpreter, uid: Option<u32>) -> Result<String> {
     let mut h = Sha256::new();
     h.update(b"python\0");
+    if let Some(uid) = uid {
+        h.update(format!("uid {uid}\0").as_bytes());
+    }
     h.update(interp.path.as_os_str().as_encoded_bytes());
     h.update(b"\0");
     h.update(interp.version.as_bytes());
@@ -426,6 +473,13 @@ fn short(key: &str) -> &str {
 
 fn which(name: &str, path: &str) -> Option<PathBuf> {
     path.split(':').map(|d| Path::new(d).join(name)).find(|p| p.is_file())
+}
+
+/// Give `path` to the app's user with `mode`.
+pub fn chown(path: &Path, user: AppUser, mode: u32) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::os::unix::fs::chown(path, Some(user.uid), Some(user.gid)).with_context(|| format!("chown {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).with_context(|| format!("chmod {}", path.display()))
 }
 
 /// Quote for `sh -c`: single quotes, with embedded ones closed and escaped.

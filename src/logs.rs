@@ -72,6 +72,9 @@ impl AppLog {
         }
         if guard.is_none() {
             std::fs::create_dir_all(&self.dir)?;
+            // Apps may traverse their app dir; their logs are the daemon's.
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&self.dir, std::fs::Permissions::from_mode(0o700))?;
             let f = OpenOptions::new().create(true).append(true).open(self.dir.join("app.log"))?;
             let size = f.metadata()?.len();
             *guard = Some((f, size));

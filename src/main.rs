@@ -47,6 +47,7 @@ async fn run_server(args: cli::ServerArgs) -> anyhow::Result<()> {
         ssh: args.ssh,
         domain,
         keep_releases: args.keep_releases.max(1),
+        isolation: args.isolation != cli::Isolation::Off,
     })
     .await
 }

@@ -237,7 +237,8 @@ async fn deploy_locked(
             crate::build::Runtime::Generic => progress.step("no runtime detected: running the Procfile as is"),
         }
         let t = Instant::now();
-        let env = p.builder.prepare(&dir, &rt, progress).await.context("dependency install failed")?;
+        let as_user = p.user_of(app).map(|u| (u, p.layout.cache().join(app.as_str())));
+        let env = p.builder.prepare(&dir, &rt, as_user, progress).await.context("dependency install failed")?;
         if let Some(env) = &env {
             progress.info(&format!("environment ready in {:.1}s", t.elapsed().as_secs_f64()));
             let (app, key) = (app.clone(), env.key.clone());
@@ -254,11 +255,11 @@ async fn deploy_locked(
         let step_env = process_env(p, app, &release, env.as_ref(), None);
         if let Some(cmd) = &manifest.test_command {
             progress.step(&format!("running tests: {cmd}"));
-            run_step(cmd, &dir, &step_env, progress).await.context("test gate failed")?;
+            run_step(p, app, cmd, &dir, &step_env, progress).await.context("test gate failed")?;
         }
         if let Some(cmd) = &manifest.release_command {
             progress.step(&format!("release phase: {cmd}"));
-            run_step(cmd, &dir, &step_env, progress).await.context("release phase failed")?;
+            run_step(p, app, cmd, &dir, &step_env, progress).await.context("release phase failed")?;
         }
         activate(p, app, &release, &manifest, env.as_ref(), progress).await
     }
@@ -393,7 +394,7 @@ pub async fn promote(p: &Platform, staging: &AppName, live: &AppName, actor: &Ac
             let mut vars = process_env(p, staging, &from, env.as_ref(), None);
             vars.push(("TARGET_URL".into(), url));
             vars.push(("TARGET_HOST".into(), host));
-            run_step(check, &from_tree, &vars, progress).await.context("promote check failed: nothing was promoted")?;
+            run_step(p, staging, check, &from_tree, &vars, progress).await.context("promote check failed: nothing was promoted")?;
         }
         None => progress.info("no [promote] check in slipway.toml: promoting without one"),
     }
@@ -598,6 +599,7 @@ pub fn one_off_command(p: &Platform, app: &AppName, release: &Release, cmd: &str
         command: cmd.to_string(),
         cwd: p.layout.release(app, release.tree),
         env: process_env(p, app, release, env.as_ref(), None),
+        user: p.user_of(app),
     }
 }
 
@@ -911,7 +913,7 @@ fn instance_command(
     } else {
         p.layout.release(app, release.tree)
     };
-    ProcessCommand { command: spec.command.clone(), cwd, env: vars }
+    ProcessCommand { command: spec.command.clone(), cwd, env: vars, user: p.user_of(app) }
 }
 
 async fn wait_healthy(inst: &Instance, host: &str, path: &str, timeout: Duration) -> Result<()> {
@@ -979,8 +981,8 @@ fn process_env(p: &Platform, app: &AppName, release: &Release, env: Option<&Envi
     out
 }
 
-async fn run_step(cmd: &str, dir: &Path, env: &[(String, String)], progress: &Progress) -> Result<()> {
-    let pc = ProcessCommand { command: cmd.to_string(), cwd: dir.to_path_buf(), env: env.to_vec() };
+async fn run_step(p: &Platform, app: &AppName, cmd: &str, dir: &Path, env: &[(String, String)], progress: &Progress) -> Result<()> {
+    let pc = ProcessCommand { command: cmd.to_string(), cwd: dir.to_path_buf(), env: env.to_vec(), user: p.user_of(app) };
     runtime::run_to_end(&pc, progress, STEP_TIMEOUT).await
 }
 
@@ -1126,10 +1128,22 @@ async fn switch_current(link: &Path, target: &Path) -> Result<()> {
 }
 
 /// The app's persistent data dir (`SLIPWAY_DATA_DIR`, also `HOME`) and
-/// releases dir: made before any step can need them.
-async fn ensure_app_dirs(p: &Platform, app: &AppName) -> Result<()> {
-    for dir in [p.layout.app_data(app), p.layout.releases(app)] {
+/// releases dir: made before any step can need them. With isolation, the
+/// data dir and the build cache belong to the app's user alone, and the
+/// releases are readable by its group alone.
+pub async fn ensure_app_dirs(p: &Platform, app: &AppName) -> Result<()> {
+    let cache = p.layout.cache().join(app.as_str());
+    for dir in [p.layout.app_data(app), p.layout.releases(app), cache.clone()] {
         tokio::fs::create_dir_all(&dir).await.with_context(|| format!("creating {}", dir.display()))?;
+    }
+    if let Some(user) = p.load_user(app).await? {
+        use std::os::unix::fs::PermissionsExt;
+        crate::build::chown(&p.layout.app_data(app), user, 0o700)?;
+        crate::build::chown(&cache, user, 0o700)?;
+        let releases = p.layout.releases(app);
+        std::os::unix::fs::chown(&releases, Some(0), Some(user.gid)).context("chown releases")?;
+        std::fs::set_permissions(&releases, std::fs::Permissions::from_mode(0o750)).context("chmod releases")?;
+        std::fs::set_permissions(p.layout.app(app), std::fs::Permissions::from_mode(0o711)).context("chmod app dir")?;
     }
     Ok(())
 }

@@ -25,6 +25,16 @@ pub struct ProcessCommand {
     pub command: String,
     pub cwd: PathBuf,
     pub env: Vec<(String, String)>,
+    /// The app's own unprivileged user when the daemon runs as root;
+    /// `None`: the daemon's own user.
+    pub user: Option<AppUser>,
+}
+
+/// An app's own user and group (numeric; no passwd entry is needed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AppUser {
+    pub uid: u32,
+    pub gid: u32,
 }
 
 /// The base `PATH` apps get, before their environment's `bin`.
@@ -48,6 +58,11 @@ impl ProcessCommand {
             // outlives a stop.
             .process_group(0)
             .kill_on_drop(false);
+        if let Some(u) = self.user {
+            // std drops the supplementary groups too when it switches user
+            // as root, so nothing of root's access is inherited.
+            cmd.uid(u.uid).gid(u.gid);
+        }
         cmd
     }
 }

@@ -32,6 +32,8 @@ pub struct ServerConfig {
     pub ssh: SocketAddr,
     pub domain: String,
     pub keep_releases: usize,
+    /// Run apps as their own users when root (`--isolation off` disables).
+    pub isolation: bool,
 }
 
 /// Everything the API, the git endpoints and the pipeline share.
@@ -53,7 +55,14 @@ pub struct Platform {
     sessions: Mutex<HashMap<String, crate::auth::Principal>>,
     /// The API's address, for commands run on behalf of SSH clients.
     pub api_addr: std::net::SocketAddr,
+    /// Run each app as its own unprivileged user (the daemon is root).
+    pub isolation: bool,
+    users: Mutex<HashMap<String, crate::runtime::AppUser>>,
 }
+
+/// App uids start here, far above any distribution's system and login
+/// users, so they never collide with a real account.
+const FIRST_APP_UID: u32 = 200_000;
 
 /// Who is pushing to which app, registered for the duration of one push.
 #[derive(Debug, Clone)]
@@ -75,6 +84,27 @@ impl Platform {
     pub fn app_lock(&self, app: &AppName) -> Arc<tokio::sync::Mutex<()>> {
         let mut locks = self.app_locks.lock().unwrap_or_else(|e| e.into_inner());
         locks.entry(app.to_string()).or_default().clone()
+    }
+
+    /// The app's user, once [`Platform::load_user`] has run for it; `None`
+    /// without isolation.
+    pub fn user_of(&self, app: &AppName) -> Option<crate::runtime::AppUser> {
+        if !self.isolation {
+            return None;
+        }
+        self.users.lock().unwrap_or_else(|e| e.into_inner()).get(app.as_str()).copied()
+    }
+
+    /// Look up (allocating on first use) the app's user.
+    pub async fn load_user(&self, app: &AppName) -> anyhow::Result<Option<crate::runtime::AppUser>> {
+        if !self.isolation {
+            return Ok(None);
+        }
+        let a = app.clone();
+        let uid = self.store.call(move |s| s.app_uid(&a, FIRST_APP_UID)).await?;
+        let user = crate::runtime::AppUser { uid, gid: uid };
+        self.users.lock().unwrap_or_else(|e| e.into_inner()).insert(app.to_string(), user);
+        Ok(Some(user))
     }
 
     pub fn app_host(&self, app: &AppName) -> String {
@@ -189,8 +219,30 @@ pub async fn run(cfg: ServerConfig) -> Result<()> {
     for dir in [layout.root().to_path_buf(), layout.repos(), layout.envs(), layout.cache(), layout.run(), layout.root().join("apps")] {
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    set_mode(layout.root(), 0o700)?;
+    // Apps run as their own users when the daemon is root: they must be
+    // able to reach their own release, environment and data below DIR,
+    // and nothing else there.
+    // SAFETY: geteuid has no preconditions.
+    let isolation = cfg.isolation && unsafe { libc::geteuid() } == 0;
+    if isolation {
+        check_reachable(layout.root())?;
+        set_mode(layout.root(), 0o711)?;
+        for dir in [layout.root().join("apps"), layout.envs(), layout.cache()] {
+            set_mode(&dir, 0o711)?;
+        }
+        for dir in [layout.repos(), layout.run()] {
+            set_mode(&dir, 0o700)?;
+        }
+    } else {
+        set_mode(layout.root(), 0o700)?;
+    }
     let store = Store::open(&layout.db())?;
+    for suffix in ["", "-wal", "-shm"] {
+        let f = PathBuf::from(format!("{}{suffix}", layout.db().display()));
+        if f.exists() {
+            set_mode(&f, 0o600)?;
+        }
+    }
     ensure_admin_token(&layout, &store)?;
 
     let api_listener = TcpListener::bind(cfg.api).await.with_context(|| format!("binding API address {}", cfg.api))?;
@@ -220,6 +272,8 @@ pub async fn run(cfg: ServerConfig) -> Result<()> {
         pushes: Mutex::default(),
         sessions: Mutex::default(),
         api_addr,
+        isolation,
+        users: Mutex::default(),
         layout,
     });
 
@@ -277,6 +331,27 @@ pub async fn run(cfg: ServerConfig) -> Result<()> {
     .await;
     let _ = std::fs::remove_file(&sock);
     tracing::info!("stopped");
+    Ok(())
+}
+
+/// App users must be able to traverse every directory above DIR, or none
+/// of their files could be reached. Refuse to start rather than fail every
+/// deploy later.
+fn check_reachable(dir: &std::path::Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let abs = std::fs::canonicalize(dir).with_context(|| format!("resolving {}", dir.display()))?;
+    for ancestor in abs.ancestors().skip(1) {
+        let mode = std::fs::metadata(ancestor).with_context(|| format!("reading {}", ancestor.display()))?.permissions().mode();
+        if mode & 0o001 == 0 {
+            anyhow::bail!(
+                "apps run as their own users, who cannot reach {}: {} is mode {:o}; make it traversable (chmod o+x {}) or start with --isolation off",
+                dir.display(),
+                ancestor.display(),
+                mode & 0o777,
+                ancestor.display()
+            );
+        }
+    }
     Ok(())
 }
 

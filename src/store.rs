@@ -135,6 +135,10 @@ CREATE TABLE IF NOT EXISTS tokens (
     app TEXT,
     created_at TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS app_users (
+    app TEXT PRIMARY KEY REFERENCES apps(name) ON DELETE CASCADE,
+    uid INTEGER NOT NULL UNIQUE
+);
 CREATE TABLE IF NOT EXISTS keys (
     name TEXT PRIMARY KEY,
     fingerprint TEXT NOT NULL UNIQUE,
@@ -227,13 +231,33 @@ impl Store {
     pub fn delete_app(&self, app: &AppName) -> Result<()> {
         self.with(|c| {
             let tx = c.transaction()?;
-            for table in ["releases", "config", "scale", "domains", "webhooks"] {
+            for table in ["releases", "config", "scale", "domains", "webhooks", "app_users"] {
                 tx.execute(&format!("DELETE FROM {table} WHERE app = ?1"), params![app.as_str()])?;
             }
             tx.execute("DELETE FROM tokens WHERE app = ?1", params![app.as_str()])?;
             tx.execute("DELETE FROM keys WHERE app = ?1", params![app.as_str()])?;
             tx.execute("DELETE FROM apps WHERE name = ?1", params![app.as_str()])?;
             tx.commit()
+        })
+    }
+
+    /// The app's own uid, allocated on first use from `first` upwards and
+    /// never handed to another app while this one exists.
+    pub fn app_uid(&self, app: &AppName, first: u32) -> Result<u32> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            let existing: Option<u32> =
+                tx.query_row("SELECT uid FROM app_users WHERE app = ?1", params![app.as_str()], |r| r.get(0)).optional()?;
+            let uid = match existing {
+                Some(u) => u,
+                None => {
+                    let next: u32 = tx.query_row("SELECT COALESCE(MAX(uid) + 1, ?1) FROM app_users", params![first], |r| r.get(0))?;
+                    tx.execute("INSERT INTO app_users (app, uid) VALUES (?1, ?2)", params![app.as_str(), next])?;
+                    next
+                }
+            };
+            tx.commit()?;
+            Ok(uid)
         })
     }
 

@@ -136,6 +136,15 @@ pub struct ServerArgs {
     /// Releases kept on disk per app, for rollback
     #[arg(long, default_value_t = 5)]
     pub keep_releases: usize,
+    /// As root, run each app as an unprivileged user of its own
+    #[arg(long, value_enum, default_value = "on")]
+    pub isolation: Isolation,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Isolation {
+    On,
+    Off,
 }
 
 #[derive(Subcommand, Debug)]

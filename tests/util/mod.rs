@@ -36,6 +36,10 @@ impl TestServer {
 
     pub fn start_with(extra: &[&str]) -> TestServer {
         let dir = tempfile::tempdir().expect("temp dir");
+        // Like /var/lib: traversable, so that app users (the daemon runs
+        // apps as their own users when it is root) reach their files.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711)).expect("chmod temp dir");
         let args: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
         let mut s = TestServer { child: None, dir, api: String::new(), http: String::new(), ssh: String::new(), token: String::new(), args };
         s.boot("127.0.0.1:0", "127.0.0.1:0");
