@@ -32,6 +32,8 @@ if [ ! -x "$BIN" ]; then
 fi
 
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/slipway-bench-deploy.XXXXXX")"
+# As root, slipway runs apps as their own users, who must reach the data dir.
+chmod 711 "$WORK"
 RUNS="$WORK/runs.jsonl"
 : >"$RUNS"
 LOGDIR="$RESULTS/deploy-logs"

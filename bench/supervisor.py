@@ -590,6 +590,7 @@ def main():
     signal.signal(signal.SIGINT, on_signal)
 
     work = tempfile.mkdtemp(prefix="slipway-bench-sup.")
+    os.chmod(work, 0o711)  # app users (slipway runs apps as their own users as root) must reach it
     shutil.rmtree(LOGDIR, ignore_errors=True)
     os.makedirs(LOGDIR)
     result = {"slipway": lib.build_info(ROOT, BIN), "poll_interval_s": POLL_S}

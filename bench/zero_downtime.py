@@ -166,6 +166,7 @@ def main():
     signal.signal(signal.SIGINT, on_signal)
 
     work = tempfile.mkdtemp(prefix="slipway-bench-zd.")
+    os.chmod(work, 0o711)  # app users (slipway runs apps as their own users as root) must reach it
     logdir = os.path.join(RESULTS, "zero-downtime-logs")
     shutil.rmtree(logdir, ignore_errors=True)
     os.makedirs(logdir)

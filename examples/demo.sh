@@ -18,6 +18,8 @@ cargo build --release --quiet
 bin="$root/target/release/slipway"
 
 work=$(mktemp -d)
+# As root, slipway runs each app as its own user, who must reach the data dir.
+chmod 711 "$work"
 server_pid=""
 cleanup() {
   if [ -n "$server_pid" ]; then
