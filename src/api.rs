@@ -452,6 +452,8 @@ async fn ps(State(p): State<Shared>, auth: Auth, Path(name): Path<String>) -> Ap
                 "restarts": st.restarts,
                 "last_exit": st.last_exit,
                 "port": i.spec.port,
+                // Why it gave up, without a trip to the logs.
+                "last_lines": if st.state == crate::supervisor::State::Crashed { i.tail() } else { Vec::new() },
             })
         })
         .collect();

@@ -65,6 +65,11 @@ impl Environment {
     }
 }
 
+/// Holds an environment's key: while it lives, garbage collection leaves
+/// the environment alone. A deploy keeps it until its release records the
+/// key, so a concurrent collection cannot remove what it just built.
+pub struct EnvLease(#[allow(dead_code)] tokio::sync::OwnedMutexGuard<()>);
+
 pub struct Builder {
     layout: Layout,
     /// The daemon's PATH, searched for interpreters and given to builds.
@@ -171,7 +176,7 @@ impl Builder {
         rt: &Runtime,
         as_user: Option<(AppUser, PathBuf)>,
         progress: &Progress,
-    ) -> Result<Option<Environment>> {
+    ) -> Result<Option<(Environment, EnvLease)>> {
         let Runtime::Python { deps, interpreter } = rt else { return Ok(None) };
         let key = env_key(dir, *deps, interpreter, as_user.as_ref().map(|(u, _)| u.uid))?;
         let env = Environment { key: key.clone(), dir: self.layout.env(&key) };
@@ -180,10 +185,10 @@ impl Builder {
             let mut locks = self.key_locks.lock().unwrap_or_else(|e| e.into_inner());
             locks.entry(key.clone()).or_default().clone()
         };
-        let _guard = lock.lock().await;
+        let guard = lock.lock_owned().await;
         if env.dir.join(MARKER).is_file() {
             progress.info(&format!("dependencies unchanged: reusing environment {}", short(&key)));
-            return Ok(Some(env));
+            return Ok(Some((env, EnvLease(guard))));
         }
         progress.info(&format!("building environment {} (python {})", short(&key), interpreter.version));
         // A directory without the marker is a build that died midway.
@@ -193,12 +198,19 @@ impl Builder {
             tokio::fs::create_dir_all(&env.dir).await.context("creating the environment directory")?;
             chown(&env.dir, *user, 0o755)?;
         }
-        match self.build(dir, *deps, interpreter, &env, as_user.as_ref(), progress).await {
+        let built = match self.build(dir, *deps, interpreter, &env, as_user.as_ref(), progress).await {
+            // Built by the app's user: take the tree back before trusting
+            // anything in it. Root-owned and read-only, it can neither be
+            // changed by the app later nor trick root (a planted symlink)
+            // when the marker is written.
+            Ok(()) if as_user.is_some() => seal(&env.dir).await,
+            other => other,
+        };
+        match built {
             Ok(()) => {
-                tokio::fs::write(env.dir.join(MARKER), format!("python {}\n", interpreter.version))
-                    .await
+                write_marker(&env.dir.join(MARKER), &format!("python {}\n", interpreter.version))
                     .context("marking environment complete")?;
-                Ok(Some(env))
+                Ok(Some((env, EnvLease(guard))))
             }
             Err(e) => {
                 let _ = tokio::fs::remove_dir_all(&env.dir).await;
@@ -473,6 +485,37 @@ fn short(key: &str) -> &str {
 
 fn which(name: &str, path: &str) -> Option<PathBuf> {
     path.split(':').map(|d| Path::new(d).join(name)).find(|p| p.is_file())
+}
+
+/// Make a tree root's and read-only for everyone else, without following
+/// any symlink inside it.
+async fn seal(dir: &Path) -> Result<()> {
+    for args in [vec!["-R", "-P", "-h", "0:0"], vec![]] {
+        let out = if args.is_empty() {
+            Command::new("chmod").args(["-R", "go-w"]).arg(dir).output().await
+        } else {
+            Command::new("chown").args(&args).arg(dir).output().await
+        }
+        .context("sealing the environment")?;
+        if !out.status.success() {
+            bail!("sealing the environment: {}", String::from_utf8_lossy(&out.stderr).trim());
+        }
+    }
+    Ok(())
+}
+
+/// Create the completion marker; never through a symlink, never over an
+/// existing file.
+fn write_marker(path: &Path, text: &str) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    f.write_all(text.as_bytes()).context("writing the marker")
 }
 
 /// Give `path` to the app's user with `mode`.

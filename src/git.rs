@@ -267,6 +267,13 @@ pub async fn set_ref(repo: &Path, refname: &str, commit: &str) -> Result<()> {
     Ok(())
 }
 
+/// The object a ref points at, as stored (an annotated tag's own id, not
+/// its commit): what receive-pack's old values name.
+pub async fn ref_value(repo: &Path, refname: &str) -> Option<String> {
+    let out = git_q(repo, &Quarantine::default(), &["rev-parse", "--verify", "--quiet", refname]).output().await.ok()?;
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
 /// A short one-line summary of a commit, for release descriptions.
 pub async fn subject(repo: &Path, q: &Quarantine, commit: &str) -> String {
     match git_q(repo, q, &["log", "-1", "--format=%s", commit]).output().await {

@@ -14,6 +14,11 @@ fn main() {
             std::process::exit(1);
         }
     };
+    // Defence in depth: a command run for an SSH client is only ever a client.
+    if std::env::var_os("SLIPWAY_SSH_SESSION").is_some() && matches!(cli.command, Command::Server(_) | Command::Hook { .. }) {
+        eprintln!("error: not available over SSH");
+        std::process::exit(2);
+    }
     let code = runtime.block_on(async {
         match cli.command {
             Command::Server(args) => {

@@ -78,6 +78,7 @@ pub async fn receive_push(
     progress: &Progress,
 ) -> Result<PushOutcome> {
     let guard = acquire(p, app, progress).await;
+    let previous = live_release(p, app).await.ok().flatten().map(|r| r.version);
     let result = receive_locked(p, app, actor, refs, q, progress).await;
     if let Err(e) = &result {
         // Pipeline failures said so already; this covers refusals before it.
@@ -86,7 +87,7 @@ pub async fn receive_push(
             progress.info("nothing changed: the previous release keeps serving");
         }
     }
-    result.map(|deployed| PushOutcome { guard, deployed })
+    result.map(|deployed| PushOutcome { guard, deployed, previous })
 }
 
 /// What a successful push hands back: the app's lock, and the commit it
@@ -94,6 +95,31 @@ pub async fn receive_push(
 pub struct PushOutcome {
     pub guard: AppGuard,
     pub deployed: Option<String>,
+    /// The release that was live before this push's deploy.
+    pub previous: Option<u32>,
+}
+
+/// The push whose deploy just succeeded has already ended: receive-pack
+/// died (the pusher went away) before the hook returned, so the ref still
+/// names the old commit. Bring back the release that was live before, so
+/// the ref and what serves agree again.
+pub async fn revert_abandoned_push(p: &Platform, app: &AppName, outcome: PushOutcome) {
+    let _guard = outcome.guard;
+    if outcome.deployed.is_none() {
+        return;
+    }
+    let log = p.logs.app(app);
+    log.write("slipway", "the push ended before its deploy finished: bringing back the previous release");
+    let result = match outcome.previous {
+        Some(v) => relaunch(p, app, v, &Progress::default()).await,
+        None => {
+            p.proxy.set_upstreams(app.as_str(), Vec::new());
+            stop_all(p.supervisor.take_all(app.as_str())).await;
+            Ok(())
+        }
+    };
+    let outcome = if result.is_ok() { "ok" } else { "failed" };
+    p.event(Some(app), &Actor("slipway".into()), "revert-abandoned-push", "", outcome).await;
 }
 
 async fn receive_locked(
@@ -116,7 +142,7 @@ async fn receive_locked(
     // refuse its ref update after our deploy, leaving the ref and the live
     // release disagreeing. Refuse it now, before anything changes.
     for r in &refs {
-        let current = git::resolve(&repo, &r.name).await;
+        let current = git::ref_value(&repo, &r.name).await;
         let expected = (!zero(&r.old)).then(|| r.old.clone());
         if current != expected {
             bail!("{} moved while this push waited (another push landed first): fetch and push again", r.name);
@@ -216,9 +242,16 @@ async fn deploy_locked(
         let manifest = Manifest::load(&dir)?;
         for spec in &manifest.processes {
             if let Reload::Touch(path) = &spec.reload {
-                let regular = std::fs::symlink_metadata(dir.join(path)).is_ok_and(|m| m.file_type().is_file());
-                if !regular {
-                    bail!("processes.{}.reload: {path} must be a regular file, not a symlink, in the release", spec.name);
+                let mut at = dir.clone();
+                let parts: Vec<&str> = path.split('/').collect();
+                for (i, part) in parts.iter().enumerate() {
+                    at.push(part);
+                    let last = i + 1 == parts.len();
+                    let ok = std::fs::symlink_metadata(&at)
+                        .is_ok_and(|m| if last { m.file_type().is_file() } else { m.file_type().is_dir() });
+                    if !ok {
+                        bail!("processes.{}.reload: {path} must be a regular file, not a symlink, in the release", spec.name);
+                    }
                 }
             }
         }
@@ -238,12 +271,16 @@ async fn deploy_locked(
         }
         let t = Instant::now();
         let as_user = p.user_of(app).map(|u| (u, p.layout.cache().join(app.as_str())));
-        let env = p.builder.prepare(&dir, &rt, as_user, progress).await.context("dependency install failed")?;
-        if let Some(env) = &env {
-            progress.info(&format!("environment ready in {:.1}s", t.elapsed().as_secs_f64()));
-            let (app, key) = (app.clone(), env.key.clone());
-            p.store.call(move |s| s.set_release_env(&app, version, &key)).await?;
-        }
+        let prepared = p.builder.prepare(&dir, &rt, as_user, progress).await.context("dependency install failed")?;
+        let env = match prepared {
+            Some((env, _lease)) => {
+                progress.info(&format!("environment ready in {:.1}s", t.elapsed().as_secs_f64()));
+                let (app, key) = (app.clone(), env.key.clone());
+                p.store.call(move |s| s.set_release_env(&app, version, &key)).await?;
+                Some(env)
+            }
+            None => None,
+        };
         let release = p
             .store
             .call({
@@ -579,7 +616,7 @@ pub async fn destroy(p: &Platform, app: &AppName, actor: &Actor) -> Result<()> {
     stop_all(p.supervisor.take_all(app.as_str())).await;
     let app2 = app.clone();
     p.store.call(move |s| s.delete_app(&app2)).await?;
-    for dir in [p.layout.repo(app), p.layout.app(app), p.layout.run().join(app.as_str())] {
+    for dir in [p.layout.repo(app), p.layout.app(app), p.layout.run().join(app.as_str()), p.layout.cache().join(app.as_str())] {
         match tokio::fs::remove_dir_all(&dir).await {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -712,6 +749,8 @@ async fn activate(
     progress.step(&format!("switched traffic to v{}", release.version));
 
     // 4. Reload in place: the masters stay, their workers load `current`.
+    //    The switch is done and the canary proved the release, so nothing
+    //    here may fail the deploy: a problem is reported, never unwound.
     let mut kept: Vec<Arc<Instance>> = Vec::new();
     for (insts, reload) in reload_in_place {
         for inst in &insts {
@@ -723,16 +762,17 @@ async fn activate(
                     }
                 }
                 Reload::Touch(path) => {
-                    // The app server watches the file relative to the
-                    // directory it runs in, which is the release it last
-                    // loaded (a cwd is a resolved directory, not the link).
+                    // The app server watches the file in the tree it last
+                    // loaded (a cwd is a resolved directory, not the link):
+                    // the tree this instance was recorded on, not whatever
+                    // directory its process claims.
                     progress.step(&format!("reloading {} by touching {path}", inst.name()));
-                    let running_in = inst
-                        .status()
-                        .pid
-                        .and_then(|pid| std::fs::read_link(format!("/proc/{pid}/cwd")).ok())
-                        .unwrap_or_else(|| tree.clone());
-                    touch(&running_in.join(path)).await?;
+                    let (a, v) = (app.clone(), inst.status().release);
+                    let running_tree = p.store.call(move |s| s.release(&a, v)).await.ok().flatten().map(|r| r.tree);
+                    let base = p.layout.release(app, running_tree.unwrap_or(release.tree));
+                    if let Err(e) = touch(&base, path).await {
+                        progress.info(&format!("could not reload {}: {e:#}; restart it with `slipway restart {app}`", inst.name()));
+                    }
                 }
                 Reload::Replace => {}
             }
@@ -740,7 +780,9 @@ async fn activate(
         }
         if let Some(inst) = insts.iter().find(|i| i.spec.ptype == "web") {
             let host = p.app_host(app);
-            wait_healthy(inst, &host, &manifest.health_path, manifest.health_timeout).await?;
+            if let Err(e) = wait_healthy(inst, &host, &manifest.health_path, manifest.health_timeout).await {
+                progress.info(&format!("after its reload: {e:#}"));
+            }
         }
         kept.extend(insts);
     }
@@ -806,19 +848,30 @@ fn plural(n: usize) -> &'static str {
 }
 
 /// Set a file's times to now, as `touch` does (uWSGI watches the mtime).
-/// The path comes from a pushed repo: only an existing regular file is
-/// touched, never a symlink (which could point anywhere), never created.
-async fn touch(path: &Path) -> Result<()> {
-    let path = path.to_path_buf();
+/// The path comes from a pushed repo: every component below `base` must be
+/// a real directory and the last a regular file — no symlink anywhere, no
+/// FIFO to block on, nothing created.
+async fn touch(base: &Path, rel: &str) -> Result<()> {
+    let (base, rel) = (base.to_path_buf(), rel.to_string());
     tokio::task::spawn_blocking(move || -> Result<()> {
-        let meta = std::fs::symlink_metadata(&path).with_context(|| format!("the reload file {} does not exist", path.display()))?;
-        if !meta.file_type().is_file() {
-            bail!("the reload file {} must be a regular file, not a symlink or directory", path.display());
+        let mut path = base.clone();
+        let parts: Vec<&str> = rel.split('/').collect();
+        for (i, part) in parts.iter().enumerate() {
+            if part.is_empty() || *part == "." || *part == ".." {
+                bail!("the reload file {rel} must be a plain relative path");
+            }
+            path.push(part);
+            let meta = std::fs::symlink_metadata(&path).with_context(|| format!("the reload file {rel} does not exist"))?;
+            let last = i + 1 == parts.len();
+            let ok = if last { meta.file_type().is_file() } else { meta.file_type().is_dir() };
+            if !ok {
+                bail!("the reload file {rel} must be a regular file, reached without symlinks");
+            }
         }
         use std::os::unix::fs::OpenOptionsExt;
         let f = std::fs::OpenOptions::new()
             .append(true)
-            .custom_flags(libc::O_NOFOLLOW)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
             .open(&path)
             .with_context(|| format!("opening {}", path.display()))?;
         f.set_modified(std::time::SystemTime::now()).context("touching the reload file")
@@ -1044,10 +1097,22 @@ async fn finish(
             progress.step(&format!("{action} failed: {reason}"));
             progress.info("nothing changed: the previous release keeps serving");
             log.write("slipway", &format!("{action} of v{version} failed: {}", reason.lines().next().unwrap_or("")));
+            // A failure after the switch must not take the live release's
+            // record or tree with it.
             let app2 = app.clone();
-            let _ = p.store.call(move |s| s.delete_release(&app2, version)).await;
-            if own_tree {
-                let _ = tokio::fs::remove_dir_all(p.layout.release(app, version)).await;
+            let went_live = p
+                .store
+                .call(move |s| s.release(&app2, version))
+                .await
+                .ok()
+                .flatten()
+                .is_some_and(|r| r.status == ReleaseStatus::Live);
+            if !went_live {
+                let app2 = app.clone();
+                let _ = p.store.call(move |s| s.delete_release(&app2, version)).await;
+                if own_tree {
+                    let _ = tokio::fs::remove_dir_all(p.layout.release(app, version)).await;
+                }
             }
             collect_envs(p).await;
             let first = reason.lines().next().unwrap_or("");
@@ -1111,7 +1176,10 @@ async fn collect_envs(p: &Platform) {
         Ok(k) => k,
         Err(_) => return,
     };
-    match p.builder.collect(&in_use) {
+    let builder = p.builder.clone();
+    let collected = tokio::task::spawn_blocking(move || builder.collect(&in_use)).await;
+    let Ok(collected) = collected else { return };
+    match collected {
         Ok(removed) if !removed.is_empty() => tracing::info!(count = removed.len(), "collected unused environments"),
         Ok(_) => {}
         Err(e) => tracing::warn!(error = %format!("{e:#}"), "collecting environments failed"),

@@ -210,13 +210,18 @@ pub fn describe_exit(s: std::process::ExitStatus) -> String {
     }
 }
 
+/// The longest line kept whole; a longer one arrives in pieces, so an app
+/// printing without newlines cannot grow the daemon's memory.
+const MAX_LINE: u64 = 64 * 1024;
+
 /// Read lines (lossily, as apps may print anything) until EOF.
 pub async fn pump_lines<R: AsyncRead + Unpin>(r: R, tx: tokio::sync::mpsc::UnboundedSender<String>) {
+    use tokio::io::AsyncReadExt;
     let mut reader = BufReader::new(r);
     let mut buf = Vec::new();
     loop {
         buf.clear();
-        match reader.read_until(b'\n', &mut buf).await {
+        match (&mut reader).take(MAX_LINE).read_until(b'\n', &mut buf).await {
             Ok(0) | Err(_) => return,
             Ok(_) => {
                 let line = String::from_utf8_lossy(&buf);

@@ -43,7 +43,7 @@ pub struct Platform {
     pub proxy: Arc<Proxy>,
     pub supervisor: Supervisor,
     pub logs: Logs,
-    pub builder: Builder,
+    pub builder: Arc<Builder>,
     pub repos: Repos,
     pub domain: String,
     pub http_port: u16,
@@ -51,6 +51,8 @@ pub struct Platform {
     app_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Pushes under way, by the id handed to their hook.
     pushes: Mutex<HashMap<String, PushEntry>>,
+    /// Pushes that ended while their deploy was still running.
+    abandoned: Mutex<HashMap<String, AppName>>,
     /// Credentials that live for one SSH command (token hash → who).
     sessions: Mutex<HashMap<String, crate::auth::Principal>>,
     /// The API's address, for commands run on behalf of SSH clients.
@@ -88,11 +90,26 @@ impl Platform {
 
     /// The app's user, once [`Platform::load_user`] has run for it; `None`
     /// without isolation.
+    ///
+    /// With isolation on this never answers `None`: an app not yet seen in
+    /// this daemon's life is looked up in (or allocated by) the store, and
+    /// if even that fails, the command gets `nobody` rather than root.
     pub fn user_of(&self, app: &AppName) -> Option<crate::runtime::AppUser> {
         if !self.isolation {
             return None;
         }
-        self.users.lock().unwrap_or_else(|e| e.into_inner()).get(app.as_str()).copied()
+        if let Some(u) = self.users.lock().unwrap_or_else(|e| e.into_inner()).get(app.as_str()).copied() {
+            return Some(u);
+        }
+        let user = match self.store.app_uid(app, FIRST_APP_UID) {
+            Ok(uid) => crate::runtime::AppUser { uid, gid: uid },
+            Err(e) => {
+                tracing::error!(app = %app, error = %format!("{e:#}"), "looking up the app's user failed; using nobody");
+                crate::runtime::AppUser { uid: 65534, gid: 65534 }
+            }
+        };
+        self.users.lock().unwrap_or_else(|e| e.into_inner()).insert(app.to_string(), user);
+        Some(user)
     }
 
     /// Look up (allocating on first use) the app's user.
@@ -164,10 +181,18 @@ impl Platform {
         self.pushes.lock().unwrap_or_else(|e| e.into_inner()).get(id).map(|e| e.push.clone())
     }
 
-    /// Keep the app locked until the push ends; tag the deploy then.
-    pub fn hold_until_push_ends(&self, id: &str, outcome: crate::release::PushOutcome) {
-        if let Some(e) = self.pushes.lock().unwrap_or_else(|e| e.into_inner()).get_mut(id) {
-            e.held = Some(outcome);
+    /// Keep the app locked until the push ends; tag the deploy then. When
+    /// the push has ended already, its ref was never updated: revert.
+    pub fn hold_until_push_ends(self: &Arc<Self>, id: &str, outcome: crate::release::PushOutcome) {
+        let mut pushes = self.pushes.lock().unwrap_or_else(|e| e.into_inner());
+        match pushes.get_mut(id) {
+            Some(e) => e.held = Some(outcome),
+            None => {
+                drop(pushes);
+                let Some(app) = self.abandoned.lock().unwrap_or_else(|e| e.into_inner()).remove(id) else { return };
+                let p = self.clone();
+                tokio::spawn(async move { crate::release::revert_abandoned_push(&p, &app, outcome).await });
+            }
         }
     }
 
@@ -176,7 +201,13 @@ impl Platform {
     /// operation on the app in.
     pub fn end_push(self: &Arc<Self>, id: &str) {
         let entry = self.pushes.lock().unwrap_or_else(|e| e.into_inner()).remove(id);
-        let Some(PushEntry { push, held: Some(outcome) }) = entry else { return };
+        let Some(PushEntry { push, held }) = entry else { return };
+        let Some(outcome) = held else {
+            // Ended before its hook finished: remember it, in case the
+            // deploy still succeeds (see hold_until_push_ends).
+            self.abandoned.lock().unwrap_or_else(|e| e.into_inner()).insert(id.to_string(), push.app);
+            return;
+        };
         let p = self.clone();
         tokio::spawn(async move {
             if let Some(commit) = &outcome.deployed {
@@ -259,7 +290,7 @@ pub async fn run(cfg: ServerConfig) -> Result<()> {
     let exe = std::env::current_exe().context("locating the slipway binary")?;
     let base_path = std::env::var("PATH").unwrap_or_else(|_| crate::runtime::SYSTEM_PATH.into());
     let platform = Arc::new(Platform {
-        builder: Builder::new(layout.clone(), base_path),
+        builder: Arc::new(Builder::new(layout.clone(), base_path)),
         repos: Repos::new(layout.clone(), exe),
         logs: Logs::new(layout.clone()),
         supervisor: Supervisor::new(layout.run()),
@@ -271,6 +302,7 @@ pub async fn run(cfg: ServerConfig) -> Result<()> {
         app_locks: Mutex::default(),
         pushes: Mutex::default(),
         sessions: Mutex::default(),
+        abandoned: Mutex::default(),
         api_addr,
         isolation,
         users: Mutex::default(),

@@ -197,6 +197,13 @@ impl russh::server::Handler for Connection {
     }
 }
 
+/// The subcommands a key may run over SSH: the API clients, nothing else
+/// (never `server` or `hook`).
+const CLIENT_COMMANDS: [&str; 20] = [
+    "apps", "config", "ps", "scale", "restart", "stop", "start", "releases", "rollback", "deploy", "logs", "run", "promote",
+    "webhook", "domains", "keys", "tokens", "events", "help", "version",
+];
+
 /// What an exec request asks for.
 #[derive(Debug, PartialEq, Eq)]
 enum Request {
@@ -218,10 +225,15 @@ fn parse_request(command: &str) -> Result<Request> {
         let name = name.strip_suffix(".git").unwrap_or(name);
         return Ok(Request::Git { service, app: name.to_string() });
     }
-    if matches!(first.as_str(), "server" | "hook") || first.starts_with('-') {
-        bail!("`{first}` is not available over SSH");
+    // Judge the command as the CLI will parse it: `apps:list` is `apps list`.
+    let mut argv = vec!["slipway".to_string()];
+    argv.extend(words.iter().cloned());
+    let argv = crate::cli::expand_colon_spelling(argv);
+    let sub = argv.get(1).map(String::as_str).unwrap_or("");
+    if !CLIENT_COMMANDS.contains(&sub) {
+        bail!("`{}` is not available over SSH", first.chars().take(40).collect::<String>());
     }
-    Ok(Request::Cli(words))
+    Ok(Request::Cli(argv[1..].to_vec()))
 }
 
 /// Split a command line as a POSIX shell would, for quoting only: no
@@ -317,7 +329,8 @@ async fn run_exec(p: &Arc<Platform>, principal: &Principal, command: &str, ch: C
                 .env_clear()
                 .env("PATH", std::env::var("PATH").unwrap_or_default())
                 .env("SLIPWAY_URL", format!("http://{api}"))
-                .env("SLIPWAY_TOKEN", &token);
+                .env("SLIPWAY_TOKEN", &token)
+                .env("SLIPWAY_SSH_SESSION", "1");
             let result = bridge(ch, cmd).await;
             p.end_session(&token);
             result
@@ -436,7 +449,7 @@ mod tests {
             parse_request("config set a 'K=a b' \"Q=x\\\"y\"").ok(),
             Some(Request::Cli(vec!["config".into(), "set".into(), "a".into(), "K=a b".into(), "Q=x\"y".into()]))
         );
-        for bad in ["", "server --data /", "hook pre-receive", "git-receive-pack", "git-receive-pack a b", "--help", "x 'open"] {
+        for bad in ["", "server --data /", "server:--isolation=off", "hook pre-receive", "hook:pre-receive", "git-receive-pack", "git-receive-pack a b", "--help", "x 'open", "nosuch"] {
             assert!(parse_request(bad).is_err(), "{bad:?}");
         }
     }

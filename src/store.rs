@@ -135,6 +135,10 @@ CREATE TABLE IF NOT EXISTS tokens (
     app TEXT,
     created_at TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS counters (
+    name TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS app_users (
     app TEXT PRIMARY KEY REFERENCES apps(name) ON DELETE CASCADE,
     uid INTEGER NOT NULL UNIQUE
@@ -251,7 +255,19 @@ impl Store {
             let uid = match existing {
                 Some(u) => u,
                 None => {
-                    let next: u32 = tx.query_row("SELECT COALESCE(MAX(uid) + 1, ?1) FROM app_users", params![first], |r| r.get(0))?;
+                    // A counter, not MAX(uid)+1: a destroyed app's uid is
+                    // never handed to a new app (its files or processes
+                    // could outlive it).
+                    let next: u32 = tx.query_row(
+                        "SELECT MAX(COALESCE((SELECT value FROM counters WHERE name = 'uid'), ?1), ?1)",
+                        params![first],
+                        |r| r.get(0),
+                    )?;
+                    tx.execute(
+                        "INSERT INTO counters (name, value) VALUES ('uid', ?1)
+                         ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+                        params![next + 1],
+                    )?;
                     tx.execute("INSERT INTO app_users (app, uid) VALUES (?1, ?2)", params![app.as_str(), next])?;
                     next
                 }

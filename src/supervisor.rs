@@ -138,11 +138,10 @@ impl Supervisor {
         });
         let (stop, stop_rx) = watch::channel(false);
         let inst = Arc::new(Instance { spec, status, stop, tail: Mutex::new(VecDeque::new()) });
-        let pidfile = self
-            .run_dir
-            .join(&inst.spec.app)
-            .join(format!("v{}.{}.pid", inst.spec.release, inst.name()));
-        tokio::spawn(supervise(inst.clone(), stop_rx, log, pidfile));
+        // One file per process, named by its pid: two instances of the same
+        // name (a restart's new web.1 beside the old) never share one.
+        let pid_dir = self.run_dir.join(&inst.spec.app);
+        tokio::spawn(supervise(inst.clone(), stop_rx, log, pid_dir));
         inst
     }
 
@@ -217,7 +216,7 @@ impl Supervisor {
     }
 }
 
-async fn supervise(inst: Arc<Instance>, mut stop_rx: watch::Receiver<bool>, log: Arc<AppLog>, pidfile: PathBuf) {
+async fn supervise(inst: Arc<Instance>, mut stop_rx: watch::Receiver<bool>, log: Arc<AppLog>, pid_dir: PathBuf) {
     let name = inst.name();
     let spec = &inst.spec;
     let mut backoff = BACKOFF_START;
@@ -237,6 +236,7 @@ async fn supervise(inst: Arc<Instance>, mut stop_rx: watch::Receiver<bool>, log:
             }
         };
         let pid = child.id().map(|p| p as i32).unwrap_or(0);
+        let pidfile = pid_dir.join(format!("{}.{pid}.pid", name));
         write_pidfile(&pidfile, pid);
         let started = Instant::now();
         inst.status.send_modify(|s| {

@@ -249,10 +249,19 @@ fn tag_policy_deploys_matching_tags_only() {
     repo.git(&["tag", "v1-beta"]);
     let (ok, out) = repo.push(&server.git_url("tags"), "v1-beta");
     assert!(ok && out.contains("stored, not deployed"), "{out}");
-    repo.git(&["tag", "release-1"]);
+    repo.git(&["tag", "-a", "-m", "first release", "release-1"]);
     let (ok, out) = repo.push(&server.git_url("tags"), "release-1");
     assert!(ok && out.contains("v1 is live"), "{out}");
     assert_eq!(server.get("tags", "/").1, "tagged world\n");
+    // An annotated tag can be deleted again (it is not the live ref now
+    // that a later tag deploys).
+    repo.write("app.py", &hello_app("second tag"));
+    repo.commit("second");
+    repo.git(&["tag", "-a", "-m", "second release", "release-2"]);
+    let (ok, out) = repo.push(&server.git_url("tags"), "release-2");
+    assert!(ok && out.contains("v2 is live"), "{out}");
+    let (ok, out) = repo.push(&server.git_url("tags"), ":refs/tags/release-1");
+    assert!(ok, "{out}");
 }
 
 #[test]

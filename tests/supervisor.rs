@@ -67,6 +67,9 @@ fn one_shot_program_runs_exactly_once_and_crash_loop_ends_crashed() {
     assert_eq!(row(&rows, "web")["state"], "running");
     let ran = std::fs::read_to_string(server.data().join("apps/jobs/data/once.txt")).expect("one-shot output");
     assert_eq!(ran, "ran\n", "the one-shot must run exactly once");
+    assert!(row(&rows, "flaky")["last_lines"].to_string().contains("about to fail"), "{rows:?}");
+    let table = server.ok(&["ps", "jobs"]);
+    assert!(table.contains("flaky.1 crashed; its last output:") && table.contains("    about to fail"), "{table}");
     let logs = server.ok(&["logs", "jobs", "--type", "flaky", "-n", "50"]);
     assert!(logs.contains("flaky.1: about to fail"), "{logs}");
     let events = server.ok(&["logs", "jobs", "-n", "200"]);

@@ -82,6 +82,14 @@ pub async fn dispatch(cli: Cli) -> Result<i32> {
                     json,
                     &[("type", "TYPE"), ("instance", "N"), ("release", "RELEASE"), ("pid", "PID"), ("state", "STATE"), ("uptime_secs", "UPTIME"), ("restarts", "RESTARTS"), ("last_exit", "LAST EXIT")],
                 );
+                if !json {
+                    for row in v.as_array().into_iter().flatten().filter(|r| r["state"] == "crashed") {
+                        out(&format!("\n{}.{} crashed; its last output:", s(&row["type"]), s(&row["instance"])));
+                        for line in row["last_lines"].as_array().into_iter().flatten() {
+                            out(&format!("    {}", s(line)));
+                        }
+                    }
+                }
             }
             _ => bail!("usage: slipway ps APP | slipway ps scale APP TYPE=N..."),
         },
