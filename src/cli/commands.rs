@@ -153,7 +153,7 @@ pub async fn dispatch(cli: Cli) -> Result<i32> {
         Command::Run { app, command } => {
             let line = command.iter().map(|a| crate::build::shell_quote(a)).collect::<Vec<_>>().join(" ");
             let v = api
-                .operation(Method::POST, &format!("/api/apps/{}/run", seg(&app)), Some(&json!({ "command": line })), |l| out(l))
+                .operation(Method::POST, &format!("/api/apps/{}/run", seg(&app)), Some(&json!({ "command": line })), out)
                 .await?;
             return Ok(v["exit_code"].as_i64().unwrap_or(1) as i32);
         }
@@ -284,7 +284,7 @@ async fn scale(api: &Endpoint, app: &str, counts: &[String]) -> Result<()> {
         let n: u32 = n.parse().map_err(|_| anyhow!("invalid count in {c:?}: use a whole number"))?;
         body.insert(t.to_string(), n);
     }
-    api.operation(Method::POST, &format!("/api/apps/{}/scale", seg(app)), Some(&json!(body)), |l| out(l)).await?;
+    api.operation(Method::POST, &format!("/api/apps/{}/scale", seg(app)), Some(&json!(body)), out).await?;
     Ok(())
 }
 
