@@ -214,19 +214,8 @@ async fn deploy_locked(
     let version = p
         .store
         .call({
-            let r = Release {
-                app: app.to_string(),
-                version: 0,
-                tree: 0,
-                commit: commit.to_string(),
-                git_ref: git_ref.to_string(),
-                env_key: None,
-                config,
-                description: if description.is_empty() { "push".into() } else { description },
-                actor: actor.0.clone(),
-                status: ReleaseStatus::Pending,
-                created_at: String::new(),
-            };
+            let description = if description.is_empty() { "push".to_string() } else { description };
+            let r = Release::pending(app.as_str(), 0, commit, git_ref, None, config, &description, &actor.0);
             move |s| s.begin_release(&r)
         })
         .await?;
@@ -242,17 +231,7 @@ async fn deploy_locked(
         let manifest = Manifest::load(&dir)?;
         for spec in &manifest.processes {
             if let Reload::Touch(path) = &spec.reload {
-                let mut at = dir.clone();
-                let parts: Vec<&str> = path.split('/').collect();
-                for (i, part) in parts.iter().enumerate() {
-                    at.push(part);
-                    let last = i + 1 == parts.len();
-                    let ok = std::fs::symlink_metadata(&at)
-                        .is_ok_and(|m| if last { m.file_type().is_file() } else { m.file_type().is_dir() });
-                    if !ok {
-                        bail!("processes.{}.reload: {path} must be a regular file, not a symlink, in the release", spec.name);
-                    }
-                }
+                reload_file(&dir, path).with_context(|| format!("processes.{}.reload", spec.name))?;
             }
         }
         let rt = p.builder.detect(&dir).await?;
@@ -451,19 +430,8 @@ pub async fn promote(p: &Platform, staging: &AppName, live: &AppName, actor: &Ac
     let version = p
         .store
         .call({
-            let r = Release {
-                app: live.to_string(),
-                version: 0,
-                tree: 0,
-                commit: from.commit.clone(),
-                git_ref: branch.clone(),
-                env_key: from.env_key.clone(),
-                config,
-                description: format!("promote {staging} v{}", from.version),
-                actor: actor.0.clone(),
-                status: ReleaseStatus::Pending,
-                created_at: String::new(),
-            };
+            let description = format!("promote {staging} v{}", from.version);
+            let r = Release::pending(live.as_str(), 0, &from.commit, &branch, from.env_key.clone(), config, &description, &actor.0);
             move |s| s.begin_release(&r)
         })
         .await?;
@@ -847,27 +815,34 @@ fn plural(n: usize) -> &'static str {
     }
 }
 
-/// Set a file's times to now, as `touch` does (uWSGI watches the mtime).
-/// The path comes from a pushed repo: every component below `base` must be
-/// a real directory and the last a regular file — no symlink anywhere, no
-/// FIFO to block on, nothing created.
+/// The reload file `rel` inside the tree `base`. The path comes from a
+/// pushed repo: every component must be a real directory and the last a
+/// regular file — no symlink anywhere, nothing special.
+fn reload_file(base: &Path, rel: &str) -> Result<std::path::PathBuf> {
+    let mut path = base.to_path_buf();
+    let parts: Vec<&str> = rel.split('/').collect();
+    for (i, part) in parts.iter().enumerate() {
+        if part.is_empty() || *part == "." || *part == ".." {
+            bail!("the reload file {rel} must be a plain relative path");
+        }
+        path.push(part);
+        let meta = std::fs::symlink_metadata(&path).with_context(|| format!("the reload file {rel} does not exist"))?;
+        let last = i + 1 == parts.len();
+        let ok = if last { meta.file_type().is_file() } else { meta.file_type().is_dir() };
+        if !ok {
+            bail!("{rel} must be a regular file, not a symlink, in the release");
+        }
+    }
+    Ok(path)
+}
+
+/// Set the reload file's times to now, as `touch` does (uWSGI watches the
+/// mtime): never through a symlink, never blocking on a FIFO, never
+/// creating anything.
 async fn touch(base: &Path, rel: &str) -> Result<()> {
     let (base, rel) = (base.to_path_buf(), rel.to_string());
     tokio::task::spawn_blocking(move || -> Result<()> {
-        let mut path = base.clone();
-        let parts: Vec<&str> = rel.split('/').collect();
-        for (i, part) in parts.iter().enumerate() {
-            if part.is_empty() || *part == "." || *part == ".." {
-                bail!("the reload file {rel} must be a plain relative path");
-            }
-            path.push(part);
-            let meta = std::fs::symlink_metadata(&path).with_context(|| format!("the reload file {rel} does not exist"))?;
-            let last = i + 1 == parts.len();
-            let ok = if last { meta.file_type().is_file() } else { meta.file_type().is_dir() };
-            if !ok {
-                bail!("the reload file {rel} must be a regular file, reached without symlinks");
-            }
-        }
+        let path = reload_file(&base, &rel)?;
         use std::os::unix::fs::OpenOptionsExt;
         let f = std::fs::OpenOptions::new()
             .append(true)
@@ -1040,19 +1015,7 @@ async fn run_step(p: &Platform, app: &AppName, cmd: &str, dir: &Path, env: &[(St
 }
 
 async fn new_release_from(p: &Platform, app: &AppName, actor: &Actor, base: &Release, config: BTreeMap<String, String>, description: &str) -> Result<u32> {
-    let r = Release {
-        app: app.to_string(),
-        version: 0,
-        tree: base.tree,
-        commit: base.commit.clone(),
-        git_ref: base.git_ref.clone(),
-        env_key: base.env_key.clone(),
-        config,
-        description: description.to_string(),
-        actor: actor.0.clone(),
-        status: ReleaseStatus::Pending,
-        created_at: String::new(),
-    };
+    let r = Release::pending(app.as_str(), base.tree, &base.commit, &base.git_ref, base.env_key.clone(), config, description, &actor.0);
     p.store.call(move |s| s.begin_release(&r)).await
 }
 

@@ -68,6 +68,36 @@ pub struct Release {
     pub created_at: String,
 }
 
+impl Release {
+    /// A release about to be made: [`Store::begin_release`] gives it its
+    /// version. `tree: 0` means a new tree of its own (the new version's).
+    #[allow(clippy::too_many_arguments)]
+    pub fn pending(
+        app: &str,
+        tree: u32,
+        commit: &str,
+        git_ref: &str,
+        env_key: Option<String>,
+        config: BTreeMap<String, String>,
+        description: &str,
+        actor: &str,
+    ) -> Release {
+        Release {
+            app: app.to_string(),
+            version: 0,
+            tree,
+            commit: commit.to_string(),
+            git_ref: git_ref.to_string(),
+            env_key,
+            config,
+            description: description.to_string(),
+            actor: actor.to_string(),
+            status: ReleaseStatus::Pending,
+            created_at: String::new(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct Token {
     pub name: String,
@@ -679,19 +709,7 @@ mod tests {
         let app = AppName::parse("a")?;
         assert!(s.create_app(&app)?);
         assert!(!s.create_app(&app)?);
-        let base = Release {
-            app: "a".into(),
-            version: 0,
-            tree: 0,
-            commit: "c".into(),
-            git_ref: "refs/heads/main".into(),
-            env_key: None,
-            config: BTreeMap::new(),
-            description: "push".into(),
-            actor: "admin".into(),
-            status: ReleaseStatus::Pending,
-            created_at: String::new(),
-        };
+        let base = Release::pending("a", 0, "c", "refs/heads/main", None, BTreeMap::new(), "push", "admin");
         let v1 = s.begin_release(&base)?;
         let v2 = s.begin_release(&base)?;
         assert_eq!((v1, v2), (1, 2));
