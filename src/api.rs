@@ -478,11 +478,19 @@ async fn scale(State(p): State<Shared>, auth: Auth, Path(name): Path<String>, bo
     }))
 }
 
-async fn restart(State(p): State<Shared>, auth: Auth, Path(name): Path<String>) -> ApiResult {
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RestartReq {
+    #[serde(rename = "type")]
+    ptype: Option<String>,
+}
+
+async fn restart(State(p): State<Shared>, auth: Auth, Path(name): Path<String>, body: Bytes) -> ApiResult {
     let app = auth.app(&p, &name).await?;
+    let req: RestartReq = if body.is_empty() { RestartReq::default() } else { parse_body(&body)? };
     let actor = auth.actor();
     Ok(operation(move |progress| async move {
-        release::restart(&p, &app, &actor, &progress).await?;
+        release::restart(&p, &app, &actor, req.ptype.as_deref(), &progress).await?;
         Ok(json!({}))
     }))
 }

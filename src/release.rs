@@ -482,19 +482,58 @@ async fn link_tree(from: &Path, to: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Start fresh processes of the live release (health-checked, switched).
-pub async fn restart(p: &Platform, app: &AppName, actor: &Actor, progress: &Progress) -> Result<()> {
+/// Start fresh processes of the live release (health-checked, switched):
+/// all of them, or those of one type.
+pub async fn restart(p: &Platform, app: &AppName, actor: &Actor, ptype: Option<&str>, progress: &Progress) -> Result<()> {
     let _guard = acquire(p, app, progress).await;
     let live = live_release(p, app).await?.ok_or_else(|| anyhow!("{app} has no live release"))?;
-    progress.step(&format!("restarting v{}", live.version));
-    let r = relaunch(p, app, live.version, progress).await;
-    p.event(Some(app), actor, "restart", &format!("v{}", live.version), outcome(&r)).await;
+    let r = match ptype {
+        None => {
+            progress.step(&format!("restarting v{}", live.version));
+            relaunch(p, app, live.version, progress).await
+        }
+        Some(t) => restart_type(p, app, &live, t, progress).await,
+    };
+    let what = match ptype {
+        Some(t) => format!("v{} {t}", live.version),
+        None => format!("v{}", live.version),
+    };
+    p.event(Some(app), actor, "restart", &what, outcome(&r)).await;
     r
 }
 
-/// Stop all of an app's processes; it answers 503 until started again.
+/// Replace the instances of one type with fresh ones of the same release:
+/// new web instances serve only once healthy, then the old are drained.
+async fn restart_type(p: &Platform, app: &AppName, live: &Release, ptype: &str, progress: &Progress) -> Result<()> {
+    let manifest = Manifest::load(&p.layout.release(app, live.tree))?;
+    let spec = manifest.process(ptype).ok_or_else(|| anyhow!("{app} has no process type {ptype:?} in its Procfile"))?;
+    let old: Vec<Arc<Instance>> = p.supervisor.instances(app.as_str()).into_iter().filter(|i| i.spec.ptype == ptype).collect();
+    let mut indexes: Vec<u32> = old.iter().map(|i| i.spec.index).collect();
+    if indexes.is_empty() {
+        indexes.push(1);
+    }
+    ensure_app_dirs(p, app).await?;
+    let env = live.env_key.as_ref().map(|k| Environment { key: k.clone(), dir: p.layout.env(k) });
+    progress.step(&format!("restarting {} {ptype} of v{}", indexes.len(), live.version));
+    let from_current = spec.reload != Reload::Replace;
+    let new = start_type(p, app, live, spec, &indexes, env.as_ref(), &manifest, from_current, progress).await?;
+    p.supervisor.remove(app.as_str(), &old);
+    p.supervisor.adopt(app.as_str(), new.clone());
+    if ptype == "web" {
+        let gone = p.proxy.upstreams(app.as_str());
+        p.proxy.set_upstreams(app.as_str(), new.iter().filter_map(upstream_of).collect());
+        p.proxy.drain(&gone, DRAIN_TIMEOUT).await;
+    }
+    stop_all(old).await;
+    Ok(())
+}
+
+/// Stop all of an app's processes; it answers 503 until started or
+/// deployed again, also across daemon restarts.
 pub async fn stop(p: &Platform, app: &AppName, actor: &Actor) -> Result<()> {
     let _guard = p.app_lock(app).lock_owned().await;
+    let a = app.clone();
+    p.store.call(move |s| s.set_stopped(&a, true)).await?;
     p.proxy.set_upstreams(app.as_str(), Vec::new());
     stop_all(p.supervisor.take_all(app.as_str())).await;
     p.event(Some(app), actor, "stop", "", "ok").await;
@@ -569,6 +608,12 @@ pub async fn restore_all(p: &Platform) {
         let Ok(app) = AppName::parse(&r.app) else { return };
         p.register_routes(&app).await;
         let _guard = p.app_lock(&app).lock_owned().await;
+        let a = app.clone();
+        if p.store.call(move |s| s.is_stopped(&a)).await.unwrap_or(false) {
+            p.proxy.set_upstreams(app.as_str(), Vec::new());
+            p.logs.app(&app).write("slipway", "stopped by request: not started (slipway start to run it)");
+            return;
+        }
         if let Err(e) = relaunch(p, &app, r.version, &Progress::default()).await {
             tracing::error!(app = %app, release = r.version, error = %format!("{e:#}"), "restoring app failed");
             p.logs.app(&app).write("slipway", &format!("restoring v{} failed: {e:#}", r.version));
@@ -713,7 +758,13 @@ async fn activate(
         p.proxy.set_upstreams(app.as_str(), new.iter().filter(|i| i.spec.ptype == "web").filter_map(upstream_of).collect());
     }
     let (app2, v) = (app.clone(), release.version);
-    p.store.call(move |s| s.mark_live(&app2, v)).await?;
+    p.store
+        .call(move |s| {
+            s.mark_live(&app2, v)?;
+            // Whatever made a release go live (a deploy, a start) ends a stop.
+            s.set_stopped(&app2, false)
+        })
+        .await?;
     progress.step(&format!("switched traffic to v{}", release.version));
 
     // 4. Reload in place: the masters stay, their workers load `current`.

@@ -165,6 +165,9 @@ CREATE TABLE IF NOT EXISTS tokens (
     app TEXT,
     created_at TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS stopped_apps (
+    app TEXT PRIMARY KEY REFERENCES apps(name) ON DELETE CASCADE
+);
 CREATE TABLE IF NOT EXISTS counters (
     name TEXT PRIMARY KEY,
     value INTEGER NOT NULL
@@ -265,7 +268,7 @@ impl Store {
     pub fn delete_app(&self, app: &AppName) -> Result<()> {
         self.with(|c| {
             let tx = c.transaction()?;
-            for table in ["releases", "config", "scale", "domains", "webhooks", "app_users"] {
+            for table in ["releases", "config", "scale", "domains", "webhooks", "app_users", "stopped_apps"] {
                 tx.execute(&format!("DELETE FROM {table} WHERE app = ?1"), params![app.as_str()])?;
             }
             tx.execute("DELETE FROM tokens WHERE app = ?1", params![app.as_str()])?;
@@ -304,6 +307,27 @@ impl Store {
             };
             tx.commit()?;
             Ok(uid)
+        })
+    }
+
+    /// Mark an app stopped by request (or not): a stopped app stays down
+    /// across daemon restarts until it is started or deployed again.
+    pub fn set_stopped(&self, app: &AppName, stopped: bool) -> Result<()> {
+        self.with(|c| {
+            if stopped {
+                c.execute("INSERT OR IGNORE INTO stopped_apps (app) VALUES (?1)", params![app.as_str()])?;
+            } else {
+                c.execute("DELETE FROM stopped_apps WHERE app = ?1", params![app.as_str()])?;
+            }
+            Ok(())
+        })
+    }
+
+    pub fn is_stopped(&self, app: &AppName) -> Result<bool> {
+        self.with(|c| {
+            c.query_row("SELECT 1 FROM stopped_apps WHERE app = ?1", params![app.as_str()], |_| Ok(()))
+                .optional()
+                .map(|r| r.is_some())
         })
     }
 

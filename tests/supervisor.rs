@@ -266,3 +266,29 @@ fn ppid(pid: i32) -> i32 {
         .and_then(|s| s.rsplit(')').next().and_then(|r| r.split_whitespace().nth(1)).and_then(|p| p.parse().ok()))
         .unwrap_or(0)
 }
+
+#[test]
+fn restart_of_one_type_leaves_the_others_and_stop_survives_a_daemon_restart() {
+    let mut server = TestServer::start();
+    let repo = AppRepo::hello("hello");
+    repo.write("Procfile", "web: gunicorn app:app --bind 127.0.0.1:$PORT\nworker: sleep 600\n");
+    repo.commit("worker");
+    repo.deploy(&server, "typed");
+    let before = ps_rows(&server, "typed");
+    let (web_pid, worker_pid) = (row(&before, "web")["pid"].clone(), row(&before, "worker")["pid"].clone());
+    server.ok(&["restart", "typed", "worker"]);
+    let after = ps_rows(&server, "typed");
+    assert_eq!(row(&after, "web")["pid"], web_pid, "web untouched");
+    assert_ne!(row(&after, "worker")["pid"], worker_pid, "worker restarted");
+    assert_eq!(server.get("typed", "/").1, "hello world\n");
+    let bad = server.cli(&["restart", "typed", "nosuch"]);
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("no process type \"nosuch\""));
+
+    server.ok(&["stop", "typed"]);
+    server.stop();
+    server.restart();
+    assert_eq!(server.get("typed", "/").0, 503, "a stopped app stays stopped across a daemon restart");
+    assert!(ps_rows(&server, "typed").is_empty());
+    server.ok(&["start", "typed"]);
+    assert_eq!(server.get("typed", "/").1, "hello world\n");
+}

@@ -95,10 +95,8 @@ pub async fn dispatch(cli: Cli) -> Result<i32> {
         },
         Command::Scale { app, counts } => scale(&api, &app, &counts).await?,
         Command::Restart { app, ptype } => {
-            if ptype.is_some() {
-                out("note: restarting all process types (they restart together, health-checked)");
-            }
-            api.operation(Method::POST, &format!("/api/apps/{}/restart", seg(&app)), None, progress).await?;
+            let body = json!({ "type": ptype });
+            api.operation(Method::POST, &format!("/api/apps/{}/restart", seg(&app)), Some(&body), progress).await?;
         }
         Command::Start { app } => {
             api.operation(Method::POST, &format!("/api/apps/{}/start", seg(&app)), None, progress).await?;
