@@ -860,34 +860,32 @@ async fn git_http_inner(p: Shared, method: Method, uri: Uri, headers: HeaderMap,
     p.repos.ensure(&app).await?;
 
     let mut env = vec![("REMOTE_USER".to_string(), principal.name.clone())];
-    let mut guard = None;
+    let mut push_id = None;
     if push && rest == "git-receive-pack" {
         let id = p.register_push(Push { app: app.clone(), actor: principal.name.clone() });
         env.push(("SLIPWAY_PUSH".into(), id.clone()));
         env.push(("SLIPWAY_SOCKET".into(), p.layout.socket().display().to_string()));
-        guard = Some(PushGuard { p: p.clone(), id });
+        push_id = Some(id);
     }
     let path_info = format!("/{app}.git/{rest}");
-    let resp = p.repos.http_backend(&method, &path_info, query, &headers, body, env).await?;
-    let (parts, body) = resp.into_parts();
-    // The push stays registered until its response (the deploy's
-    // progress) has been streamed out.
-    let stream = body.into_data_stream().map(move |chunk| {
-        let _keep = &guard;
-        chunk
-    });
-    Ok(Response::from_parts(parts, Body::from_stream(stream)))
-}
-
-struct PushGuard {
-    p: Shared,
-    id: String,
-}
-
-impl Drop for PushGuard {
-    fn drop(&mut self) {
-        self.p.end_push(&self.id);
+    let (resp, exited) = match p.repos.http_backend(&method, &path_info, query, &headers, body, env).await {
+        Ok(r) => r,
+        Err(e) => {
+            if let Some(id) = &push_id {
+                p.end_push(id);
+            }
+            return Err(e.into());
+        }
+    };
+    // The push ends when git does, whether or not its client is still
+    // there: only then are its ref updates settled.
+    if let Some(id) = push_id {
+        tokio::spawn(async move {
+            let _ = exited.await;
+            p.end_push(&id);
+        });
     }
+    Ok(resp)
 }
 
 /// HTTP basic auth for git: any user name, password = an API token.

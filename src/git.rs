@@ -73,7 +73,7 @@ impl Repos {
         headers: &HeaderMap,
         body: Body,
         env: Vec<(String, String)>,
-    ) -> Result<Response<Body>> {
+    ) -> Result<(Response<Body>, tokio::sync::oneshot::Receiver<()>)> {
         let mut cmd = Command::new("git");
         cmd.arg("http-backend")
             .env_clear()
@@ -113,6 +113,9 @@ impl Repos {
             }
             let _ = stdin.shutdown().await;
         });
+        // git goes on without its client (receive-pack may still update
+        // refs after the pusher left): report when it has really ended.
+        let (exited_tx, exited) = tokio::sync::oneshot::channel();
         tokio::spawn(async move {
             let mut buf = String::new();
             let _ = stderr.read_to_string(&mut buf).await;
@@ -120,6 +123,7 @@ impl Repos {
                 tracing::debug!(stderr = %buf.trim(), "git http-backend");
             }
             let _ = child.wait().await;
+            let _ = exited_tx.send(());
         });
 
         // CGI response: header lines, a blank line, then the body.
@@ -144,7 +148,7 @@ impl Repos {
             }
         }
         let stream = tokio_util::io::ReaderStream::new(out);
-        resp.body(Body::from_stream(stream)).context("building git response")
+        Ok((resp.body(Body::from_stream(stream)).context("building git response")?, exited))
     }
 }
 

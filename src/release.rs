@@ -90,27 +90,32 @@ pub async fn receive_push(
     result.map(|deployed| PushOutcome { guard, deployed, previous })
 }
 
-/// What a successful push hands back: the app's lock, and the commit it
-/// deployed, to be tagged once receive-pack has finished.
+/// What a successful push hands back: the app's lock, and what it
+/// deployed, to be settled once git has ended.
 pub struct PushOutcome {
     pub guard: AppGuard,
-    pub deployed: Option<String>,
+    /// The deployed commit and the ref it came from.
+    pub deployed: Option<(String, String)>,
     /// The release that was live before this push's deploy.
     pub previous: Option<u32>,
 }
 
-/// The push whose deploy just succeeded has already ended: receive-pack
-/// died (the pusher went away) before the hook returned, so the ref still
-/// names the old commit. Bring back the release that was live before, so
-/// the ref and what serves agree again.
-pub async fn revert_abandoned_push(p: &Platform, app: &AppName, outcome: PushOutcome) {
-    let _guard = outcome.guard;
-    if outcome.deployed.is_none() {
+/// Both the push's deploy and its git process have ended. If the ref names
+/// the deployed commit (the normal case, and also when git finished after
+/// its client left), tag it. If not (git died before it could update the
+/// ref), bring back the release that was live before, so that the ref and
+/// what serves agree again. Runs under the app's lock.
+pub async fn settle_push(p: &Platform, app: &AppName, push: PushOutcome) {
+    let _guard = push.guard;
+    let Some((commit, git_ref)) = push.deployed else { return };
+    let repo = p.layout.repo(app);
+    if git::ref_value(&repo, &git_ref).await.as_deref() == Some(commit.as_str()) {
+        tag(p, app, &commit, &Progress::default()).await;
         return;
     }
     let log = p.logs.app(app);
-    log.write("slipway", "the push ended before its deploy finished: bringing back the previous release");
-    let result = match outcome.previous {
+    log.write("slipway", &format!("the push never updated {git_ref}: bringing back the previous release"));
+    let result = match push.previous {
         Some(v) => relaunch(p, app, v, &Progress::default()).await,
         None => {
             p.proxy.set_upstreams(app.as_str(), Vec::new());
@@ -118,8 +123,7 @@ pub async fn revert_abandoned_push(p: &Platform, app: &AppName, outcome: PushOut
             Ok(())
         }
     };
-    let outcome = if result.is_ok() { "ok" } else { "failed" };
-    p.event(Some(app), &Actor("slipway".into()), "revert-abandoned-push", "", outcome).await;
+    p.event(Some(app), &Actor("slipway".into()), "revert-abandoned-push", &git_ref, outcome(&result)).await;
 }
 
 async fn receive_locked(
@@ -129,7 +133,7 @@ async fn receive_locked(
     refs: Vec<RefUpdate>,
     q: Quarantine,
     progress: &Progress,
-) -> Result<Option<String>> {
+) -> Result<Option<(String, String)>> {
     let repo = p.layout.repo(app);
     let zero = |s: &str| s.bytes().all(|c| c == b'0');
     for r in &refs {
@@ -172,7 +176,7 @@ async fn receive_locked(
     }
     let Some(t) = target else { return Ok(None) };
     deploy_locked(p, app, actor, &t.new, &t.name, &q, false, progress).await?;
-    Ok(Some(t.new))
+    Ok(Some((t.new, t.name)))
 }
 
 /// Build and release `commit` as a new version of `app`.

@@ -51,8 +51,8 @@ pub struct Platform {
     app_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Pushes under way, by the id handed to their hook.
     pushes: Mutex<HashMap<String, PushEntry>>,
-    /// Pushes that ended while their deploy was still running.
-    abandoned: Mutex<HashMap<String, AppName>>,
+    /// Pushes whose git ended while their deploy was still running.
+    ended: Mutex<HashMap<String, AppName>>,
     /// Credentials that live for one SSH command (token hash → who).
     sessions: Mutex<HashMap<String, crate::auth::Principal>>,
     /// The API's address, for commands run on behalf of SSH clients.
@@ -181,40 +181,36 @@ impl Platform {
         self.pushes.lock().unwrap_or_else(|e| e.into_inner()).get(id).map(|e| e.push.clone())
     }
 
-    /// Keep the app locked until the push ends; tag the deploy then. When
-    /// the push has ended already, its ref was never updated: revert.
+    /// The push's deploy succeeded: keep the app locked until git has
+    /// ended, then settle it (see [`crate::release::settle_push`]). When git
+    /// has ended already, settle now.
     pub fn hold_until_push_ends(self: &Arc<Self>, id: &str, outcome: crate::release::PushOutcome) {
         let mut pushes = self.pushes.lock().unwrap_or_else(|e| e.into_inner());
-        match pushes.get_mut(id) {
-            Some(e) => e.held = Some(outcome),
-            None => {
-                drop(pushes);
-                let Some(app) = self.abandoned.lock().unwrap_or_else(|e| e.into_inner()).remove(id) else { return };
-                let p = self.clone();
-                tokio::spawn(async move { crate::release::revert_abandoned_push(&p, &app, outcome).await });
-            }
+        if let Some(e) = pushes.get_mut(id) {
+            e.held = Some(outcome);
+            return;
         }
+        drop(pushes);
+        let Some(app) = self.ended.lock().unwrap_or_else(|e| e.into_inner()).remove(id) else { return };
+        let p = self.clone();
+        tokio::spawn(async move { crate::release::settle_push(&p, &app, outcome).await });
     }
 
-    /// The push's git exchange is over: receive-pack has updated the refs
-    /// and the objects left quarantine. Tag the deploy, then let the next
-    /// operation on the app in.
+    /// The push's git process has ended: receive-pack's ref updates are
+    /// settled and its objects left quarantine. Settle the deploy now, or,
+    /// if it is still running, when it finishes.
     pub fn end_push(self: &Arc<Self>, id: &str) {
         let entry = self.pushes.lock().unwrap_or_else(|e| e.into_inner()).remove(id);
         let Some(PushEntry { push, held }) = entry else { return };
-        let Some(outcome) = held else {
-            // Ended before its hook finished: remember it, in case the
-            // deploy still succeeds (see hold_until_push_ends).
-            self.abandoned.lock().unwrap_or_else(|e| e.into_inner()).insert(id.to_string(), push.app);
-            return;
-        };
-        let p = self.clone();
-        tokio::spawn(async move {
-            if let Some(commit) = &outcome.deployed {
-                crate::release::tag(&p, &push.app, commit, &crate::progress::Progress::default()).await;
+        match held {
+            Some(outcome) => {
+                let p = self.clone();
+                tokio::spawn(async move { crate::release::settle_push(&p, &push.app, outcome).await });
             }
-            drop(outcome.guard);
-        });
+            None => {
+                self.ended.lock().unwrap_or_else(|e| e.into_inner()).insert(id.to_string(), push.app);
+            }
+        }
     }
 
     /// Tell the app's webhook, if it has one, how a deploy ended. Never
@@ -302,7 +298,7 @@ pub async fn run(cfg: ServerConfig) -> Result<()> {
         app_locks: Mutex::default(),
         pushes: Mutex::default(),
         sessions: Mutex::default(),
-        abandoned: Mutex::default(),
+        ended: Mutex::default(),
         api_addr,
         isolation,
         users: Mutex::default(),

@@ -377,3 +377,56 @@ fn old_releases_and_unused_environments_are_collected() {
     server.ok(&["rollback", "gc", "v3"]);
     assert_eq!(server.get("gc", "/").1, "r3 world\n");
 }
+
+#[test]
+fn a_push_abandoned_mid_deploy_leaves_ref_and_live_release_in_agreement() {
+    let server = TestServer::start();
+    let repo = AppRepo::hello("old");
+    repo.deploy(&server, "abandon");
+    repo.write("app.py", &hello_app("new"));
+    repo.write("slipway.toml", "[test]\ncommand = \"sleep 2\"\n");
+    repo.commit("slow gate");
+    let new_commit = repo.head();
+    // The pusher goes away while the deploy runs (git push and its
+    // git-remote-http child, as one process group).
+    use std::os::unix::process::CommandExt;
+    let mut push = std::process::Command::new("git")
+        .args(["push", &server.git_url("abandon"), "main"])
+        .current_dir(repo.path())
+        .process_group(0)
+        .env("GIT_TERMINAL_PROMPT", "0")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("git push");
+    std::thread::sleep(std::time::Duration::from_millis(800));
+    signal(-(push.id() as i32), libc::SIGKILL);
+    let _ = push.wait();
+    // The deploy goes on without its pusher; wait until it has ended.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !server.ok(&["events", "abandon"]).contains("v2") {
+        assert!(std::time::Instant::now() < deadline, "the deploy never ended: {}", server.ok(&["events", "abandon"]));
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    // Once settled, the ref, the live release and the served code agree:
+    // either git finished the push (all new) or it did not (all old).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let ls = std::process::Command::new("git").args(["ls-remote", &server.git_url("abandon"), "refs/heads/main"]).output().expect("ls-remote");
+        let ref_commit = String::from_utf8_lossy(&ls.stdout).split_whitespace().next().unwrap_or("").to_string();
+        let body = server.get("abandon", "/").1;
+        let releases = server.json(&["releases", "abandon", "--json"]);
+        let live = releases.as_array().and_then(|r| r.iter().find(|x| x["live"] == true).cloned());
+        let live_commit = live.map(|l| l["commit"].as_str().unwrap_or("").to_string()).unwrap_or_default();
+        let expected_body = if ref_commit == new_commit { "new world\n" } else { "old world\n" };
+        if ref_commit == live_commit && body == expected_body {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "ref {ref_commit}, live {live_commit}, body {body:?}\n{}",
+            server.ok(&["logs", "abandon", "-n", "30"])
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
