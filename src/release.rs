@@ -1090,6 +1090,11 @@ async fn finish(
     progress: &Progress,
 ) -> Result<u32> {
     let log = p.logs.app(app);
+    // Read once, before a failure may delete it: what changed, its commit,
+    // and whether it went live.
+    let a = app.clone();
+    let record = p.store.call(move |s| s.release(&a, version)).await.ok().flatten();
+    let commit = record.as_ref().map(|r| r.commit.as_str());
     match result {
         Ok(()) => {
             let secs = started.elapsed().as_secs_f64();
@@ -1097,14 +1102,12 @@ async fn finish(
             log.write("slipway", &format!("{action}: v{version} is live ({secs:.1}s)"));
             // The release's description says what changed (a commit's
             // subject, config keys set, the version rolled back to).
-            let a = app.clone();
-            let description = p.store.call(move |s| s.release(&a, version)).await.ok().flatten().map(|r| r.description);
-            let detail = match description {
+            let detail = match record.as_ref().map(|r| r.description.as_str()) {
                 Some(d) if !d.is_empty() => format!("v{version} {d}"),
                 _ => format!("v{version}"),
             };
             p.event(Some(app), actor, action, &detail, "ok").await;
-            p.notify(app, actor, action, version, "ok", "").await;
+            p.notify(app, actor, action, version, commit, "ok", "").await;
             if let Err(e) = collect_releases(p, app).await {
                 tracing::warn!(app = %app, error = %format!("{e:#}"), "collecting old releases failed");
             }
@@ -1117,14 +1120,7 @@ async fn finish(
             log.write("slipway", &format!("{action} of v{version} failed: {}", reason.lines().next().unwrap_or("")));
             // A failure after the switch must not take the live release's
             // record or tree with it.
-            let app2 = app.clone();
-            let went_live = p
-                .store
-                .call(move |s| s.release(&app2, version))
-                .await
-                .ok()
-                .flatten()
-                .is_some_and(|r| r.status == ReleaseStatus::Live);
+            let went_live = record.as_ref().is_some_and(|r| r.status == ReleaseStatus::Live);
             if !went_live {
                 let app2 = app.clone();
                 let _ = p.store.call(move |s| s.delete_release(&app2, version)).await;
@@ -1135,7 +1131,7 @@ async fn finish(
             collect_envs(p).await;
             let first = reason.lines().next().unwrap_or("");
             p.event(Some(app), actor, action, &format!("v{version}: {first}"), "failed").await;
-            p.notify(app, actor, action, version, "failed", first).await;
+            p.notify(app, actor, action, version, commit, "failed", first).await;
             Err(e.context(DeployFailed))
         }
     }

@@ -215,17 +215,19 @@ impl Platform {
 
     /// Tell the app's webhook, if it has one, how a deploy ended. Never
     /// waits for the receiver: delivery (with retries) runs on its own.
-    pub async fn notify(&self, app: &AppName, actor: &Actor, action: &str, version: u32, outcome: &str, detail: &str) {
+    #[allow(clippy::too_many_arguments)]
+    pub async fn notify(
+        &self,
+        app: &AppName,
+        actor: &Actor,
+        action: &str,
+        version: u32,
+        commit: Option<&str>,
+        outcome: &str,
+        detail: &str,
+    ) {
         let a = app.clone();
         let Ok(Some(url)) = self.store.call(move |s| s.webhook(&a)).await else { return };
-        let a = app.clone();
-        let commit = self
-            .store
-            .call(move |s| s.release(&a, version))
-            .await
-            .ok()
-            .flatten()
-            .map(|r| r.commit);
         let payload = serde_json::json!({
             "app": app.as_str(),
             "action": action,

@@ -190,5 +190,6 @@ fn webhook_receives_success_and_failure() {
     repo.deploy_rejected(&server, "hooked");
     let failed = rx.recv_timeout(Duration::from_secs(10)).expect("webhook for the failure");
     assert_eq!(failed["outcome"], "failed");
+    assert_eq!(failed["commit"], repo.head().as_str(), "the failed commit is named");
     assert!(failed["detail"].as_str().unwrap_or("").contains("crashed on boot"), "{failed}");
 }
