@@ -22,6 +22,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from urllib.parse import urlsplit
@@ -30,6 +31,30 @@ POLL_INTERVAL = 0.010
 
 
 # ---------------------------------------------------------------- HTTP
+
+def prepare_run(root, binary, results, prefix):
+    """The start every benchmark shares: build the release binary when it
+    is missing, make the results dir and a shared uv cache, turn SIGTERM and
+    SIGINT into a normal exit (so `finally` blocks stop the server), and
+    make a work dir that app users can reach (as root, slipway runs each app
+    as its own user). Returns (server environment, work dir)."""
+    if not os.access(binary, os.X_OK):
+        print("building %s ..." % binary, file=sys.stderr)
+        subprocess.run(["cargo", "build", "--release"], cwd=root, check=True)
+    os.makedirs(results, exist_ok=True)
+    env = dict(os.environ)
+    env.setdefault("UV_CACHE_DIR", os.path.join(results, ".cache", "uv"))
+    os.makedirs(env["UV_CACHE_DIR"], exist_ok=True)
+
+    def on_signal(signum, _frame):
+        raise SystemExit(128 + signum)
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    work = tempfile.mkdtemp(prefix=prefix)
+    os.chmod(work, 0o711)
+    return env, work
+
 
 def split_http(url):
     u = urlsplit(url)

@@ -39,7 +39,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from datetime import datetime
@@ -576,21 +575,7 @@ def fmt(v, nd=3):
 
 
 def main():
-    if not os.access(BIN, os.X_OK):
-        print("building %s ..." % BIN, file=sys.stderr)
-        subprocess.run(["cargo", "build", "--release"], cwd=ROOT, check=True)
-    os.makedirs(RESULTS, exist_ok=True)
-    env = dict(os.environ)
-    env.setdefault("UV_CACHE_DIR", os.path.join(RESULTS, ".cache", "uv"))
-    os.makedirs(env["UV_CACHE_DIR"], exist_ok=True)
-
-    def on_signal(signum, _frame):
-        raise SystemExit(128 + signum)
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-
-    work = tempfile.mkdtemp(prefix="slipway-bench-sup.")
-    os.chmod(work, 0o711)  # app users (slipway runs apps as their own users as root) must reach it
+    env, work = lib.prepare_run(ROOT, BIN, RESULTS, "slipway-bench-sup.")
     shutil.rmtree(LOGDIR, ignore_errors=True)
     os.makedirs(LOGDIR)
     result = {"slipway": lib.build_info(ROOT, BIN), "poll_interval_s": POLL_S}

@@ -26,10 +26,8 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 
@@ -151,22 +149,7 @@ def server_problems(stderr_path):
 
 
 def main():
-    if not os.access(BIN, os.X_OK):
-        print("building %s ..." % BIN, file=sys.stderr)
-        subprocess.run(["cargo", "build", "--release"], cwd=ROOT, check=True)
-    os.makedirs(RESULTS, exist_ok=True)
-    env = dict(os.environ)
-    env.setdefault("UV_CACHE_DIR", os.path.join(RESULTS, ".cache", "uv"))
-    os.makedirs(env["UV_CACHE_DIR"], exist_ok=True)
-
-    # SIGTERM/SIGINT -> normal exit, so the finally blocks stop the server.
-    def on_signal(signum, _frame):
-        raise SystemExit(128 + signum)
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-
-    work = tempfile.mkdtemp(prefix="slipway-bench-zd.")
-    os.chmod(work, 0o711)  # app users (slipway runs apps as their own users as root) must reach it
+    env, work = lib.prepare_run(ROOT, BIN, RESULTS, "slipway-bench-zd.")
     logdir = os.path.join(RESULTS, "zero-downtime-logs")
     shutil.rmtree(logdir, ignore_errors=True)
     os.makedirs(logdir)
