@@ -34,7 +34,7 @@ use crate::git::Quarantine;
 use crate::names::{self, AppName};
 use crate::progress::Progress;
 use crate::release::{self, Actor, RefUpdate};
-use crate::server::{Platform, Push};
+use crate::platform::{Platform, Push};
 
 static READY: AtomicBool = AtomicBool::new(false);
 

@@ -11,6 +11,7 @@ pub mod layout;
 pub mod logs;
 pub mod manifest;
 pub mod names;
+pub mod platform;
 pub mod notify;
 pub mod progress;
 pub mod proxy;

@@ -29,7 +29,7 @@ use crate::names::{self, AppName};
 use crate::progress::Progress;
 use crate::proxy::{self, Upstream};
 use crate::runtime::{self, ProcessCommand, StepError};
-use crate::server::Platform;
+use crate::platform::Platform;
 use crate::store::{Release, ReleaseStatus};
 use crate::supervisor::{Instance, InstanceSpec, State};
 

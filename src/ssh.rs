@@ -27,7 +27,7 @@ use tokio::sync::watch;
 use crate::auth::Principal;
 use crate::layout::Layout;
 use crate::names::AppName;
-use crate::server::{Platform, Push};
+use crate::platform::{Platform, Push};
 
 /// Parse one `ssh-ed25519 AAAA… comment` line; returns the key as stored
 /// (without its comment) and its SHA-256 fingerprint.
