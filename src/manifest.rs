@@ -51,8 +51,60 @@ pub struct ProcessSpec {
     pub command: String,
     pub restart: RestartPolicy,
     pub reload: Reload,
+    /// The signal that stops it: the app's `stop_signal`, else what its
+    /// app server expects (uWSGI takes TERM as "reload"; INT stops it),
+    /// else TERM.
     pub stop_signal: i32,
     pub stop_timeout: Duration,
+    pub limits: Limits,
+}
+
+/// Resource limits of one process type (`[processes.X]`), enforced by the
+/// runtime: rlimits and cgroups on the host, the engine's limits for
+/// containers. `None` takes the runtime's default.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Limits {
+    /// Bytes of memory (`memory = "512M"`).
+    pub memory: Option<u64>,
+    /// CPUs, fractional (`cpus = 0.5`).
+    pub cpus: Option<f64>,
+    /// Processes and threads (`processes = 256`).
+    pub processes: Option<u32>,
+    /// Open file descriptors (`open_files = 4096`).
+    pub open_files: Option<u32>,
+}
+
+/// A release path kept across releases (`[storage]`): `path` inside the
+/// release (a directory, or a single file such as an SQLite database) is
+/// DIR/apps/APP/data/storage/NAME.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StorageMount {
+    /// Relative to the release root; validated: no `..`, no absolute path.
+    pub path: String,
+    /// A plain name under the app's storage directory.
+    pub name: String,
+}
+
+/// Files served by slipway's proxy itself (`[static]`): requests under
+/// `prefix` (`/static/`) are answered from `path` inside the release.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StaticMount {
+    /// Starts and ends with `/`.
+    pub prefix: String,
+    /// Relative to the release root; validated like storage paths.
+    pub path: String,
+}
+
+/// `[docker]`: whether and how the app runs in containers.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DockerSpec {
+    /// `enabled = false` keeps an app with a Dockerfile on the host;
+    /// `None`: containers when there is a Dockerfile or an `image`.
+    pub enabled: Option<bool>,
+    /// A generated image's base (`image = "python"`): no Dockerfile needed.
+    pub image: Option<String>,
+    /// The Dockerfile's path in the release (default `Dockerfile`).
+    pub dockerfile: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -70,10 +122,15 @@ pub struct Manifest {
     pub processes: Vec<ProcessSpec>,
     pub release_command: Option<String>,
     pub test_command: Option<String>,
+    /// `[build] command`: runs in the new release tree before it is sealed.
+    pub build_command: Option<String>,
     pub promote_check: Option<String>,
     pub deploy: DeployPolicy,
     pub health_path: String,
     pub health_timeout: Duration,
+    pub storage: Vec<StorageMount>,
+    pub statics: Vec<StaticMount>,
+    pub docker: DockerSpec,
 }
 
 impl Manifest {
@@ -90,8 +147,7 @@ impl Manifest {
 
     pub fn parse(procfile: &str, toml_text: &str) -> Result<Manifest, ManifestError> {
         let entries = parse_procfile(procfile)?;
-        let file: FileToml =
-            toml::from_str(toml_text).map_err(|e| ManifestError::Toml(one_line(&e.to_string())))?;
+        let file: FileToml = toml::from_str(toml_text).map_err(|e| ManifestError::Toml(describe_toml_error(&e)))?;
 
         let mut release_command = None;
         let mut processes = Vec::new();
@@ -101,7 +157,10 @@ impl Manifest {
                 continue;
             }
             let opts = file.processes.get(&name).cloned().unwrap_or_default();
+            let limits = parse_limits(&name, &opts)?;
+            let uwsgi = command.split_whitespace().any(|w| w == "uwsgi" || w.ends_with("/uwsgi"));
             processes.push(ProcessSpec {
+                limits,
                 restart: match opts.restart.as_deref() {
                     None | Some("always") => RestartPolicy::Always,
                     Some("on-failure") => RestartPolicy::OnFailure,
@@ -114,6 +173,8 @@ impl Manifest {
                 },
                 reload: parse_reload(&name, opts.reload.as_deref())?,
                 stop_signal: match opts.stop_signal.as_deref() {
+                    // uWSGI reloads on TERM (unless --die-on-term) and stops on INT.
+                    None if uwsgi => libc::SIGINT,
                     None => libc::SIGTERM,
                     Some(s) => parse_signal(s).ok_or_else(|| {
                         ManifestError::Toml(format!("processes.{name}.stop_signal: unknown signal {s:?}"))
@@ -121,9 +182,7 @@ impl Manifest {
                 },
                 stop_timeout: match opts.stop_timeout.as_deref() {
                     None => Duration::from_secs(10),
-                    Some(s) => parse_duration(s).ok_or_else(|| {
-                        ManifestError::Toml(format!("processes.{name}.stop_timeout: bad duration {s:?}"))
-                    })?,
+                    Some(s) => duration_in(&format!("processes.{name}.stop_timeout"), s, STOP_TIMEOUT_RANGE)?,
                 },
                 name,
                 command,
@@ -136,8 +195,8 @@ impl Manifest {
                 )));
             }
         }
-        if let Some(cmd) = file.release.command {
-            release_command = Some(cmd);
+        if let Some(cmd) = &file.release.command {
+            release_command = Some(cmd.clone());
         }
 
         let deploy = match (file.deploy.branch, file.deploy.refs) {
@@ -168,18 +227,84 @@ impl Manifest {
         }
         let health_timeout = match file.healthcheck.timeout.as_deref() {
             None => Duration::from_secs(30),
-            Some(s) => parse_duration(s)
-                .ok_or_else(|| ManifestError::Toml(format!("[healthcheck] timeout: bad duration {s:?}")))?,
+            Some(s) => duration_in("[healthcheck] timeout", s, HEALTH_TIMEOUT_RANGE)?,
         };
+
+        let mut storage = Vec::new();
+        for (path, name) in &file.storage {
+            let path = release_path("[storage]", path)?;
+            let name_ok = !name.is_empty()
+                && name.len() <= 64
+                && !name.starts_with('.')
+                && name.bytes().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'));
+            if !name_ok {
+                return Err(ManifestError::Toml(format!(
+                    "[storage] {path:?} = {name:?}: the name must be letters, digits, '.', '_' or '-' (not starting with '.')"
+                )));
+            }
+            if storage.iter().any(|s: &StorageMount| s.name == *name) {
+                return Err(ManifestError::Toml(format!("[storage] name {name:?} is used twice")));
+            }
+            if storage.iter().any(|s: &StorageMount| nested(&s.path, &path)) {
+                return Err(ManifestError::Toml(format!("[storage] {path:?} overlaps another storage path")));
+            }
+            storage.push(StorageMount { path, name: name.clone() });
+        }
+        let mut statics = Vec::new();
+        for (prefix, path) in &file.static_files {
+            let prefix_ok = prefix.starts_with('/')
+                && prefix.ends_with('/')
+                && prefix.len() <= 256
+                && !prefix.split('/').any(|c| c == ".." || c == ".")
+                && prefix.bytes().all(|c| c.is_ascii_graphic() && c != b'?' && c != b'#' && c != b'%');
+            if !prefix_ok {
+                return Err(ManifestError::Toml(format!(
+                    "[static] {prefix:?}: a URL prefix starts and ends with / (\"/static/\")"
+                )));
+            }
+            let path = release_path("[static]", path)?;
+            statics.push(StaticMount { prefix: prefix.clone(), path });
+        }
+        // Longest prefix first: that is the one a request matches.
+        statics.sort_by_key(|s| std::cmp::Reverse(s.prefix.len()));
+
+        let docker = DockerSpec {
+            enabled: file.docker.enabled,
+            image: match file.docker.image {
+                Some(i) if i.is_empty() || i.len() > 200 || i.bytes().any(|c| c.is_ascii_whitespace() || c.is_ascii_control()) => {
+                    return Err(ManifestError::Toml(format!("[docker] image {i:?} is not an image name")))
+                }
+                other => other,
+            },
+            dockerfile: match file.docker.dockerfile {
+                Some(d) => Some(release_path("[docker] dockerfile", &d)?),
+                None => None,
+            },
+        };
+
+        for (section, cmd) in [
+            ("[build] command", &file.build.command),
+            ("[test] command", &file.test.command),
+            ("[release] command", &file.release.command),
+            ("[promote] check", &file.promote.check),
+        ] {
+            if cmd.as_deref().is_some_and(|c| c.trim().is_empty()) {
+                return Err(ManifestError::Toml(format!("{section} is empty")));
+            }
+        }
 
         Ok(Manifest {
             processes,
             release_command,
             test_command: file.test.command,
+            build_command: file.build.command,
             promote_check: file.promote.check,
             deploy,
             health_path,
             health_timeout,
+            storage,
+            statics,
+            docker,
         })
     }
 }
@@ -264,21 +389,136 @@ pub fn parse_signal(s: &str) -> Option<i32> {
     })
 }
 
-/// `30s`, `500ms`, `2m`, or a bare number of seconds; at most one hour.
+/// The allowed ranges, said in the error when a value is outside them.
+pub const STOP_TIMEOUT_RANGE: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(600));
+pub const HEALTH_TIMEOUT_RANGE: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(3600));
+
+/// A duration as people write them (`30s`, `500ms`, `1m30s`, `2h`), or a
+/// bare number of seconds; at most one hour. humantime does the parsing.
 pub fn parse_duration(s: &str) -> Option<Duration> {
+    parse_any_duration(s).filter(|d| *d <= Duration::from_secs(3600))
+}
+
+fn parse_any_duration(s: &str) -> Option<Duration> {
     let s = s.trim();
-    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
-        Some(i) => s.split_at(i),
-        None => (s, "s"),
-    };
+    if s.is_empty() || s.len() > 32 {
+        return None;
+    }
+    if s.bytes().all(|c| c.is_ascii_digit()) {
+        return Some(Duration::from_secs(s.parse().ok()?));
+    }
+    humantime::parse_duration(s).ok()
+}
+
+/// `what = s` as a duration within `range`, or an error that says the
+/// accepted forms and the range.
+fn duration_in(what: &str, s: &str, range: (Duration, Duration)) -> Result<Duration, ManifestError> {
+    let (min, max) = range;
+    let show = |d: Duration| humantime::format_duration(d).to_string();
+    match parse_any_duration(s) {
+        Some(d) if d >= min && d <= max => Ok(d),
+        Some(_) => Err(ManifestError::Toml(format!("{what}: {s:?} is outside {} to {}", show(min), show(max)))),
+        None => Err(ManifestError::Toml(format!(
+            "{what}: {s:?} is not a duration (such as \"30s\", \"500ms\" or \"1m30s\"; {} to {})",
+            show(min),
+            show(max)
+        ))),
+    }
+}
+
+/// A memory size: bytes, or a number with K, M or G (binary units, as
+/// Docker's `--memory` reads them; `512M`, `1G`, `256MiB`). Hand-written:
+/// the crates that parse sizes read `M` as 10^6, which would surprise
+/// anyone who wrote the same value for Docker.
+pub fn parse_memory(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let i = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(i);
     let n: u64 = num.parse().ok()?;
-    let d = match unit {
-        "ms" => Duration::from_millis(n),
-        "s" => Duration::from_secs(n),
-        "m" => Duration::from_secs(n.checked_mul(60)?),
+    let shift = match unit.trim().to_ascii_uppercase().as_str() {
+        "" | "B" => 0,
+        "K" | "KB" | "KIB" => 10,
+        "M" | "MB" | "MIB" => 20,
+        "G" | "GB" | "GIB" => 30,
         _ => return None,
     };
-    (d <= Duration::from_secs(3600)).then_some(d)
+    n.checked_mul(1 << shift)
+}
+
+fn parse_limits(name: &str, opts: &ProcessToml) -> Result<Limits, ManifestError> {
+    let err = |key: &str, msg: String| ManifestError::Toml(format!("processes.{name}.{key}: {msg}"));
+    let memory = match &opts.memory {
+        None => None,
+        Some(s) => match parse_memory(s) {
+            Some(b) if (4 << 20..=1 << 40).contains(&b) => Some(b),
+            Some(_) => return Err(err("memory", format!("{s:?} is outside 4M to 1024G"))),
+            None => return Err(err("memory", format!("{s:?} is not a size such as \"512M\" or \"2G\""))),
+        },
+    };
+    let cpus = match opts.cpus {
+        None => None,
+        Some(c) if c.is_finite() && (0.01..=1024.0).contains(&c) => Some(c),
+        Some(c) => return Err(err("cpus", format!("{c} is outside 0.01 to 1024"))),
+    };
+    let processes = match opts.processes {
+        None => None,
+        Some(n) if (1..=1_000_000).contains(&n) => Some(n as u32),
+        Some(n) => return Err(err("processes", format!("{n} is outside 1 to 1000000"))),
+    };
+    let open_files = match opts.open_files {
+        None => None,
+        Some(n) if (16..=1_048_576).contains(&n) => Some(n as u32),
+        Some(n) => return Err(err("open_files", format!("{n} is outside 16 to 1048576"))),
+    };
+    Ok(Limits { memory, cpus, processes, open_files })
+}
+
+/// A path inside the release, from a pushed slipway.toml: relative, no
+/// `.`/`..` components, no empty ones, nothing odd. Normalised without a
+/// trailing slash.
+fn release_path(what: &str, raw: &str) -> Result<String, ManifestError> {
+    let p = raw.trim_end_matches('/');
+    let ok = !p.is_empty()
+        && p.len() <= 512
+        && !p.starts_with('/')
+        && p.split('/').all(|c| !c.is_empty() && c != "." && c != "..")
+        && !p.chars().any(|c| c.is_control() || c == '\\');
+    if ok {
+        Ok(p.to_string())
+    } else {
+        Err(ManifestError::Toml(format!("{what}: {raw:?} must be a relative path inside the release, without . or ..")))
+    }
+}
+
+/// Is one of two release paths inside the other (or the same)?
+fn nested(a: &str, b: &str) -> bool {
+    let (a, b) = (format!("{a}/"), format!("{b}/"));
+    a.starts_with(&b) || b.starts_with(&a)
+}
+
+/// toml's error on one line; for an unknown key, the nearest valid one.
+fn describe_toml_error(e: &toml::de::Error) -> String {
+    let msg = one_line(e.message());
+    // serde's wording: "unknown field `healtcheck`, expected one of `deploy`, `test`, ..."
+    if let Some(rest) = msg.strip_prefix("unknown field `") {
+        if let Some((unknown, expected)) = rest.split_once('`') {
+            let candidates: Vec<&str> = expected.split('`').skip(1).step_by(2).collect();
+            let best = candidates
+                .iter()
+                .map(|c| (strsim::damerau_levenshtein(unknown, c), *c))
+                .filter(|(d, c)| *d <= 2.max(c.len() / 3))
+                .min();
+            let place = match e.span() {
+                Some(span) => format!(" (at byte {})", span.start),
+                None => String::new(),
+            };
+            return match best {
+                Some((_, c)) => format!("unknown key {unknown:?}{place}; did you mean {c:?}?"),
+                None => format!("unknown key {unknown:?}{place}; valid here: {}", candidates.join(", ")),
+            };
+        }
+    }
+    msg
 }
 
 fn read_small(dir: &Path, name: &'static str) -> Result<Option<String>, ManifestError> {
@@ -312,6 +552,22 @@ struct FileToml {
     processes: BTreeMap<String, ProcessToml>,
     #[serde(default)]
     promote: PromoteToml,
+    #[serde(default)]
+    build: CommandToml,
+    #[serde(default)]
+    storage: BTreeMap<String, String>,
+    #[serde(default, rename = "static")]
+    static_files: BTreeMap<String, String>,
+    #[serde(default)]
+    docker: DockerToml,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct DockerToml {
+    enabled: Option<bool>,
+    image: Option<String>,
+    dockerfile: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -341,6 +597,10 @@ struct ProcessToml {
     reload: Option<String>,
     stop_signal: Option<String>,
     stop_timeout: Option<String>,
+    memory: Option<String>,
+    cpus: Option<f64>,
+    processes: Option<i64>,
+    open_files: Option<i64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -414,6 +674,71 @@ stop_timeout = "3s"
             ("web: a", "[deploy]\nbranch = \"a..b\""),
         ] {
             assert!(Manifest::parse(procfile, toml).is_err(), "{procfile:?} {toml:?}");
+        }
+    }
+
+    #[test]
+    fn sections_of_design_md() {
+        let m = Manifest::parse(
+            "web: uwsgi --ini etc/uwsgi.ini\n",
+            r#"
+[build]
+command = "python manage.py collectstatic --noinput"
+[storage]
+"media" = "media"
+"src/db.sqlite3" = "db.sqlite3"
+[static]
+"/static/" = "staticfiles/"
+"/static/admin/" = "admin-static"
+[processes.web]
+memory = "512M"
+cpus = 0.5
+processes = 64
+stop_timeout = "1m30s"
+[docker]
+image = "python"
+"#,
+        )
+        .expect("valid");
+        assert_eq!(m.build_command.as_deref(), Some("python manage.py collectstatic --noinput"));
+        assert_eq!(m.storage.len(), 2);
+        assert!(m.storage.contains(&StorageMount { path: "src/db.sqlite3".into(), name: "db.sqlite3".into() }));
+        assert_eq!(m.statics[0].prefix, "/static/admin/");
+        assert_eq!(m.statics[1].path, "staticfiles");
+        let web = m.process("web").expect("web");
+        assert_eq!(web.limits.memory, Some(512 << 20));
+        assert_eq!(web.limits.cpus, Some(0.5));
+        assert_eq!(web.stop_signal, libc::SIGINT, "uWSGI stops on INT");
+        assert_eq!(web.stop_timeout, Duration::from_secs(90));
+        assert_eq!(m.docker.image.as_deref(), Some("python"));
+    }
+
+    #[test]
+    fn unknown_keys_suggest_the_nearest() {
+        let e = Manifest::parse("web: a", "[healtcheck]\npath = \"/\"").expect_err("typo").to_string();
+        assert!(e.contains("did you mean \"healthcheck\""), "{e}");
+        let e = Manifest::parse("web: a", "[processes.web]\nstop_timout = \"3s\"").expect_err("typo").to_string();
+        assert!(e.contains("did you mean \"stop_timeout\""), "{e}");
+        let e = Manifest::parse("web: a", "[healthcheck]\ntimeout = \"2h\"").expect_err("range").to_string();
+        assert!(e.contains("outside 1s to 1h"), "{e}");
+    }
+
+    #[test]
+    fn refuses_paths_outside_the_release() {
+        for toml in [
+            "[storage]\n\"../x\" = \"x\"",
+            "[storage]\n\"/etc\" = \"x\"",
+            "[storage]\n\"a\" = \"../x\"",
+            "[storage]\n\"a\" = \"x\"\n\"a/b\" = \"y\"",
+            "[static]\n\"/static/\" = \"../x\"",
+            "[static]\n\"static\" = \"x\"",
+            "[static]\n\"/a/../\" = \"x\"",
+            "[docker]\ndockerfile = \"../Dockerfile\"",
+            "[processes.web]\nmemory = \"lots\"",
+            "[processes.web]\ncpus = 0.0",
+            "[build]\ncommand = \"  \"",
+        ] {
+            assert!(Manifest::parse("web: a", toml).is_err(), "{toml}");
         }
     }
 

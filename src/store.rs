@@ -124,7 +124,21 @@ pub struct Event {
     pub outcome: String,
 }
 
-const SCHEMA: &str = "
+/// The schema, as a list of migrations applied in order; the database's
+/// `PRAGMA user_version` is the number applied. Append, never edit: a data
+/// dir made by any earlier slipway opens with a newer one.
+///
+/// Hand-rolled rather than rusqlite_migration, which does the same over
+/// `user_version`: every release of that crate pins a rusqlite older than
+/// the 0.41 this project must use (two copies of libsqlite3-sys cannot be
+/// linked).
+///
+/// Migration 1 is the schema of slipway before versioning; its
+/// `IF NOT EXISTS` lets an unversioned database (user_version 0 with the
+/// tables present) take it as a no-op.
+const MIGRATIONS: &[&str] = &[SCHEMA_V1];
+
+const SCHEMA_V1: &str = "
 CREATE TABLE IF NOT EXISTS apps (
     name TEXT PRIMARY KEY,
     created_at TEXT NOT NULL
@@ -198,6 +212,33 @@ CREATE TABLE IF NOT EXISTS events (
 );
 ";
 
+/// Apply the migrations the database has not seen, each in its own
+/// transaction with its version bump. Refuses a database from a newer
+/// slipway rather than guess at its schema.
+fn migrate(conn: &mut Connection, migrations: &[&str]) -> Result<()> {
+    let have: usize = conn.query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0)).context("reading schema version")? as usize;
+    if have > migrations.len() {
+        anyhow::bail!(
+            "the database has schema version {have}, newer than this slipway knows ({}): run the newer slipway, or restore a backup",
+            migrations.len()
+        );
+    }
+    for (i, sql) in migrations.iter().enumerate().skip(have) {
+        let version = i + 1;
+        let tx = conn.transaction().context("starting migration")?;
+        tx.execute_batch(sql).with_context(|| format!("applying schema migration {version}"))?;
+        // PRAGMA takes no bound parameters; the value is our own integer.
+        tx.execute_batch(&format!("PRAGMA user_version = {version}")).context("recording schema version")?;
+        tx.commit().with_context(|| format!("committing schema migration {version}"))?;
+    }
+    Ok(())
+}
+
+/// The schema version this build migrates to.
+pub fn schema_version() -> usize {
+    MIGRATIONS.len()
+}
+
 fn now() -> String {
     chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ").to_string()
 }
@@ -210,7 +251,8 @@ impl Store {
             "PRAGMA journal_mode = WAL; PRAGMA foreign_keys = ON; PRAGMA busy_timeout = 5000;",
         )
         .context("configuring database")?;
-        conn.execute_batch(SCHEMA).context("creating schema")?;
+        let mut conn = conn;
+        migrate(&mut conn, MIGRATIONS).with_context(|| format!("migrating database {}", path.display()))?;
         Ok(Store { conn: Arc::new(Mutex::new(conn)) })
     }
 
@@ -725,6 +767,41 @@ fn release_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Release> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// tests/fixtures/schema-v0.db was made by the last slipway before
+    /// schema versions (commit d08f644): an app, a config var, a scoped
+    /// token and a domain. It must open, migrate and keep all of them.
+    #[test]
+    fn opens_a_database_made_before_schema_versions() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let db = dir.path().join("slipway.db");
+        std::fs::copy(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/schema-v0.db"), &db)?;
+        let s = Store::open(&db)?;
+        let app = AppName::parse("oldapp")?;
+        assert!(s.app(&app)?.is_some());
+        assert_eq!(s.config(&app)?.get("GREETING").map(String::as_str), Some("kept"));
+        assert_eq!(s.domains(&app)?, vec!["old.example.com".to_string()]);
+        assert!(s.tokens()?.iter().any(|t| t.name == "ci" && t.app.as_deref() == Some("oldapp")));
+        let version: i64 = s.with(|c| c.query_row("PRAGMA user_version", [], |r| r.get(0)))?;
+        assert_eq!(version as usize, schema_version());
+        drop(s);
+        // Opening again applies nothing and changes nothing.
+        Store::open(&db)?;
+        Ok(())
+    }
+
+    #[test]
+    fn refuses_a_database_from_a_newer_slipway() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let db = dir.path().join("slipway.db");
+        drop(Store::open(&db)?);
+        let conn = Connection::open(&db)?;
+        conn.execute_batch(&format!("PRAGMA user_version = {}", schema_version() + 1))?;
+        drop(conn);
+        let err = Store::open(&db).err().map(|e| format!("{e:#}")).unwrap_or_default();
+        assert!(err.contains("newer than this slipway knows"), "{err}");
+        Ok(())
+    }
 
     #[test]
     fn exactly_one_live_release() -> Result<()> {
