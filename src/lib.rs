@@ -8,6 +8,7 @@ pub mod cli;
 pub mod client;
 pub mod git;
 pub mod layout;
+pub mod listener;
 pub mod logs;
 pub mod manifest;
 pub mod names;

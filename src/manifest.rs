@@ -147,7 +147,7 @@ impl Manifest {
 
     pub fn parse(procfile: &str, toml_text: &str) -> Result<Manifest, ManifestError> {
         let entries = parse_procfile(procfile)?;
-        let file: FileToml = toml::from_str(toml_text).map_err(|e| ManifestError::Toml(describe_toml_error(&e)))?;
+        let file: FileToml = toml::from_str(toml_text).map_err(|e| ManifestError::Toml(describe_toml_error(&e, toml_text)))?;
 
         let mut release_command = None;
         let mut processes = Vec::new();
@@ -497,7 +497,7 @@ fn nested(a: &str, b: &str) -> bool {
 }
 
 /// toml's error on one line; for an unknown key, the nearest valid one.
-fn describe_toml_error(e: &toml::de::Error) -> String {
+fn describe_toml_error(e: &toml::de::Error, text: &str) -> String {
     let msg = one_line(e.message());
     // serde's wording: "unknown field `healtcheck`, expected one of `deploy`, `test`, ..."
     if let Some(rest) = msg.strip_prefix("unknown field `") {
@@ -509,7 +509,7 @@ fn describe_toml_error(e: &toml::de::Error) -> String {
                 .filter(|(d, c)| *d <= 2.max(c.len() / 3))
                 .min();
             let place = match e.span() {
-                Some(span) => format!(" (at byte {})", span.start),
+                Some(span) => format!(" on line {}", text.get(..span.start).unwrap_or("").matches('\n').count() + 1),
                 None => String::new(),
             };
             return match best {

@@ -30,16 +30,27 @@ use tokio::sync::watch;
 
 type ProxyBody = BoxBody<Bytes, hyper::Error>;
 
-/// One running web process the proxy may send requests to.
+/// One running web process the proxy may send requests to. Its address
+/// can change under it (a web process restarted by the supervisor comes
+/// back on a fresh port, so nothing can squat the old one): the route
+/// table keeps the same `Upstream`, and the next request uses the new
+/// address.
 #[derive(Debug)]
 pub struct Upstream {
-    pub addr: SocketAddr,
+    addr: ArcSwap<SocketAddr>,
     in_flight: AtomicUsize,
 }
 
 impl Upstream {
     pub fn new(addr: SocketAddr) -> Arc<Upstream> {
-        Arc::new(Upstream { addr, in_flight: AtomicUsize::new(0) })
+        Arc::new(Upstream { addr: ArcSwap::from_pointee(addr), in_flight: AtomicUsize::new(0) })
+    }
+    pub fn addr(&self) -> SocketAddr {
+        **self.addr.load()
+    }
+    /// Point it at a new address (its process was restarted elsewhere).
+    pub fn set_addr(&self, addr: SocketAddr) {
+        self.addr.store(Arc::new(addr));
     }
     pub fn in_flight(&self) -> usize {
         self.in_flight.load(Ordering::Acquire)
@@ -230,7 +241,8 @@ impl Proxy {
         let start = backend.next.fetch_add(1, Ordering::Relaxed);
         for attempt in 0..n {
             let upstream = backend.upstreams[(start + attempt) % n].clone();
-            let uri: Uri = match format!("http://{}{}", upstream.addr, path).parse() {
+            let upstream_addr = upstream.addr();
+            let uri: Uri = match format!("http://{upstream_addr}{path}").parse() {
                 Ok(u) => u,
                 Err(_) => return page(StatusCode::BAD_REQUEST, "bad request", "Unparseable request path."),
             };
@@ -247,16 +259,16 @@ impl Proxy {
                     return Response::from_parts(rparts, rbody);
                 }
                 Err(e) if e.is_connect() && replayable && attempt + 1 < n => {
-                    tracing::debug!(upstream = %upstream.addr, error = %e, "upstream refused; trying next");
+                    tracing::debug!(upstream = %upstream_addr, error = %e, "upstream refused; trying next");
                     continue;
                 }
                 Err(e) => {
                     // A refused connection is what a restarting app looks
                     // like; one line per request would flood the log.
                     if e.is_connect() {
-                        tracing::debug!(%host, upstream = %upstream.addr, error = %e, "upstream refused the connection");
+                        tracing::debug!(%host, upstream = %upstream_addr, error = %e, "upstream refused the connection");
                     } else {
-                        tracing::warn!(%host, upstream = %upstream.addr, error = %e, "upstream request failed");
+                        tracing::warn!(%host, upstream = %upstream_addr, error = %e, "upstream request failed");
                     }
                     return page(
                         StatusCode::BAD_GATEWAY,
@@ -270,9 +282,17 @@ impl Proxy {
     }
 }
 
+/// What one probe of an upstream got back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Probe {
+    pub status: StatusCode,
+    /// The `Location` header of a redirect, as sent.
+    pub location: Option<String>,
+}
+
 /// Probe one upstream the way the proxy will use it: `GET path` with the
-/// app's own Host header. Returns the status code.
-pub async fn probe(addr: SocketAddr, host: &str, path: &str, timeout: Duration) -> Result<StatusCode> {
+/// app's own Host header and the scheme its users reach it by.
+pub async fn probe(addr: SocketAddr, host: &str, path: &str, forwarded_proto: &str, timeout: Duration) -> Result<Probe> {
     let fut = async {
         let stream = tokio::net::TcpStream::connect(addr).await.context("connecting")?;
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
@@ -282,12 +302,68 @@ pub async fn probe(addr: SocketAddr, host: &str, path: &str, timeout: Duration) 
         let req = Request::get(path)
             .header(HOST, host)
             .header("user-agent", "slipway-healthcheck")
+            .header("x-forwarded-proto", forwarded_proto)
             .body(Empty::<Bytes>::new())
             .context("building probe request")?;
         let resp = sender.send_request(req).await.context("sending probe")?;
-        Ok(resp.status())
+        let location = resp.headers().get(hyper::header::LOCATION).and_then(|v| v.to_str().ok()).map(str::to_string);
+        Ok(Probe { status: resp.status(), location })
     };
     tokio::time::timeout(timeout, fut).await.context("probe timed out")?
+}
+
+/// How a health check ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Health {
+    /// 2xx, directly or after redirects that stayed on the same scheme and host.
+    Healthy,
+    /// Anything else, in words: what the app answered and where it pointed.
+    Unhealthy(String),
+}
+
+/// Redirects a health check follows before giving up.
+const MAX_HEALTH_REDIRECTS: usize = 5;
+
+/// The health rule (DESIGN.md `[healthcheck]`): the app must answer 2xx
+/// at `path`. A redirect counts only when it stays on the same scheme and
+/// host; it is followed (on the same upstream). A redirect elsewhere (to
+/// https, say, with Django's `SECURE_SSL_REDIRECT` and nothing telling it
+/// the proxy's scheme) means the app serves nothing here.
+pub async fn health_check(addr: SocketAddr, host: &str, path: &str, forwarded_proto: &str, timeout: Duration) -> Result<Health> {
+    let base = url::Url::parse(&format!("{forwarded_proto}://{host}/")).context("health check base URL")?;
+    let mut path = path.to_string();
+    for _ in 0..=MAX_HEALTH_REDIRECTS {
+        let got = probe(addr, host, &path, forwarded_proto, timeout).await?;
+        if got.status.is_success() {
+            return Ok(Health::Healthy);
+        }
+        if !got.status.is_redirection() {
+            return Ok(Health::Unhealthy(format!("GET {path} answered {}", got.status)));
+        }
+        let Some(location) = got.location else {
+            return Ok(Health::Unhealthy(format!("GET {path} answered {} without a Location", got.status)));
+        };
+        let here = base.join(&path).context("health check URL")?;
+        let Ok(next) = here.join(&location) else {
+            return Ok(Health::Unhealthy(format!("GET {path} answered {} to an unparseable Location {location:?}", got.status)));
+        };
+        if next.scheme() != base.scheme() || next.host_str() != base.host_str() || next.port() != base.port() {
+            return Ok(Health::Unhealthy(format!(
+                "GET {path} answered {} to {next} (a redirect to another scheme or host is not health{})",
+                got.status,
+                if next.scheme() == "https" && forwarded_proto == "http" {
+                    "; an app that redirects to https must be served over https, or told by X-Forwarded-Proto that it is"
+                } else {
+                    ""
+                }
+            )));
+        }
+        path = match next.query() {
+            Some(q) => format!("{}?{q}", next.path()),
+            None => next.path().to_string(),
+        };
+    }
+    Ok(Health::Unhealthy(format!("more than {MAX_HEALTH_REDIRECTS} redirects from the health check path")))
 }
 
 fn request_host(req: &Request<Incoming>) -> Option<String> {
@@ -395,5 +471,58 @@ impl Body for Tracked {
     }
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod health_tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// An upstream that answers each request by its path: `/to-https`
+    /// redirects to https, `/hop` to `/ok` on the same host, `/ok` is 200,
+    /// anything else 503.
+    async fn upstream() -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 4096];
+                    let n = s.read(&mut buf).await.unwrap_or(0);
+                    let req = String::from_utf8_lossy(&buf[..n]).to_string();
+                    let path = req.split_whitespace().nth(1).unwrap_or("/").to_string();
+                    let head = match path.as_str() {
+                        "/ok" => "200 OK\r\n".to_string(),
+                        "/hop" => "302 Found\r\nLocation: /ok\r\n".to_string(),
+                        "/to-https" => "301 Moved Permanently\r\nLocation: https://app.localhost/\r\n".to_string(),
+                        "/to-other" => "302 Found\r\nLocation: http://elsewhere.example/\r\n".to_string(),
+                        "/loop" => "302 Found\r\nLocation: /loop\r\n".to_string(),
+                        _ => "503 Service Unavailable\r\n".to_string(),
+                    };
+                    let resp = format!("HTTP/1.1 {head}Content-Length: 0\r\nConnection: close\r\n\r\n");
+                    let _ = s.write_all(resp.as_bytes()).await;
+                });
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn only_2xx_or_same_origin_redirects_are_health() {
+        let addr = upstream().await;
+        let check = |path: &'static str| health_check(addr, "app.localhost", path, "http", Duration::from_secs(5));
+        assert_eq!(check("/ok").await.expect("probe"), Health::Healthy);
+        assert_eq!(check("/hop").await.expect("probe"), Health::Healthy, "same-host redirect is followed");
+        match check("/to-https").await.expect("probe") {
+            Health::Unhealthy(why) => {
+                assert!(why.contains("301") && why.contains("https://app.localhost/"), "{why}");
+                assert!(why.contains("X-Forwarded-Proto"), "{why}");
+            }
+            Health::Healthy => panic!("a redirect to https is not health"),
+        }
+        assert!(matches!(check("/to-other").await.expect("probe"), Health::Unhealthy(w) if w.contains("elsewhere.example")));
+        assert!(matches!(check("/loop").await.expect("probe"), Health::Unhealthy(w) if w.contains("redirects")));
+        assert!(matches!(check("/down").await.expect("probe"), Health::Unhealthy(w) if w.contains("503")));
     }
 }

@@ -465,7 +465,7 @@ async fn target_url(p: &Platform, app: &AppName) -> (String, String) {
         return (p.app_url(app), host);
     }
     match p.proxy.upstreams(app.as_str()).first() {
-        Some(u) => (format!("http://{}/", u.addr), host),
+        Some(u) => (format!("http://{}/", u.addr()), host),
         None => (p.app_url(app), host),
     }
 }
@@ -585,7 +585,7 @@ pub async fn scale(p: &Platform, app: &AppName, actor: &Actor, counts: BTreeMap<
             progress.step(&format!("stopping {} {ptype}", have - want));
             let ports: Vec<u16> = remove.iter().filter_map(|i| i.spec.port).collect();
             let (gone, kept): (Vec<_>, Vec<_>) =
-                p.proxy.upstreams(app.as_str()).into_iter().partition(|u| ports.contains(&u.addr.port()));
+                p.proxy.upstreams(app.as_str()).into_iter().partition(|u| ports.contains(&u.addr().port()));
             p.proxy.set_upstreams(app.as_str(), kept);
             p.proxy.drain(&gone, DRAIN_TIMEOUT).await;
             p.supervisor.remove(app.as_str(), &remove);
@@ -1014,9 +1014,9 @@ async fn wait_healthy(inst: &Instance, host: &str, path: &str, timeout: Duration
                 indent(&inst.tail())
             ));
         }
-        match proxy::probe(addr, host, path, Duration::from_secs(5)).await {
-            Ok(code) if code.is_success() || code.is_redirection() => return Ok(()),
-            Ok(code) => last = format!("answered {code}"),
+        match proxy::health_check(addr, host, path, "http", Duration::from_secs(5)).await {
+            Ok(proxy::Health::Healthy) => return Ok(()),
+            Ok(proxy::Health::Unhealthy(why)) => last = why,
             Err(e) => last = format!("{e:#}"),
         }
         if Instant::now() >= deadline {

@@ -115,7 +115,7 @@ fn never_healthy_keeps_old_release() {
             );
             r.write("slipway.toml", "[healthcheck]\npath = \"/ready\"\ntimeout = \"2s\"\n");
         },
-        "did not pass its health check (GET /ready, Host sick.localhost) within 2s: answered 500",
+        "did not pass its health check (GET /ready, Host sick.localhost) within 2s: GET /ready answered 500",
     );
     assert!(out.contains("deploy failed"), "{out}");
 }
@@ -131,7 +131,7 @@ fn missing_interpreter_is_refused_and_keeps_old_release() {
 
 #[test]
 fn broken_slipway_toml_is_refused_with_the_key() {
-    rejected_with("tomlish", |r| r.write("slipway.toml", "[healthcheck]\npaht = \"/\"\n"), "unknown field `paht`");
+    rejected_with("tomlish", |r| r.write("slipway.toml", "[healthcheck]\npaht = \"/\"\n"), "unknown key \"paht\" on line 2; did you mean \"path\"?");
 }
 
 #[test]
