@@ -22,6 +22,10 @@ use crate::runtime::{self, AppUser, ProcessCommand};
 
 const MARKER: &str = ".slipway-complete";
 const INSTALL_TIMEOUT: Duration = Duration::from_secs(20 * 60);
+/// Under the builder's home (the app's own build cache dir, DIR/cache/APP,
+/// writable by that app alone): wheels uv built from sdists, fed back to
+/// that app's later builds only (`--find-links`), never to another app's.
+const WHEELHOUSE: &str = "wheels";
 
 /// How an app's dependencies are declared.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -133,8 +137,18 @@ impl Builder {
             candidates.push("python3".into());
         }
         let mut seen: Vec<String> = Vec::new();
+        let mut unusable: Vec<String> = Vec::new();
         for candidate in candidates {
             let Some(found) = self.probe_interpreter(&candidate).await else { continue };
+            // As root, apps run as their own users: an interpreter they
+            // cannot reach (pyenv under /root) is no interpreter for them.
+            if let Err(why) = runnable_by_app_users(&found.path) {
+                let note = format!("{} at {} ({why})", found.version, found.path.display());
+                if !unusable.contains(&note) {
+                    unusable.push(note);
+                }
+                continue;
+            }
             if pin.is_none_or(|p| version_matches(p, &found.version)) {
                 return Ok(found);
             }
@@ -143,10 +157,17 @@ impl Builder {
             }
         }
         let pin = pin.unwrap_or("3");
-        if seen.is_empty() {
-            bail!("python {pin} is not available on this server (no python3 found)");
+        let mut msg = match seen.is_empty() {
+            true => format!("python {pin} is not available on this server (no python3 that apps can run)"),
+            false => format!("python {pin} is not available on this server (apps can use {}: pin one of those)", seen.join(", ")),
+        };
+        if !unusable.is_empty() {
+            msg.push_str(&format!("; not usable by apps: {}", unusable.join(", ")));
         }
-        bail!("python {pin} is not available on this server (it has {})", seen.join(", "))
+        msg.push_str(&format!(
+            "; the operator can install python{pin} where every user can run it (the distribution's package, or `uv python install {pin} --install-dir /opt/python` with /opt/python/*/bin on the daemon's PATH)"
+        ));
+        bail!(msg)
     }
 
     async fn probe_interpreter(&self, name: &str) -> Option<Interpreter> {
@@ -188,9 +209,11 @@ impl Builder {
         let guard = lock.lock_owned().await;
         if env.dir.join(MARKER).is_file() {
             progress.info(&format!("dependencies unchanged: reusing environment {}", short(&key)));
+            crate::tally::environment(true);
             return Ok(Some((env, EnvLease(guard))));
         }
         progress.info(&format!("building environment {} (python {})", short(&key), interpreter.version));
+        crate::tally::environment(false);
         // A directory without the marker is a build that died midway.
         let _ = tokio::fs::remove_dir_all(&env.dir).await;
         tokio::fs::create_dir_all(self.layout.envs()).await.context("creating envs directory")?;
@@ -247,7 +270,7 @@ impl Builder {
             ];
             vars.extend(host_package_settings());
             vars.extend(extra);
-            ProcessCommand { command: line, cwd: dir.to_path_buf(), env: vars, user }
+            ProcessCommand { command: line, cwd: dir.to_path_buf(), env: vars, user, limits: Default::default(), container: None }
         };
         let q = shell_quote;
         if let Some(uv) = self.uv(progress).await {
@@ -256,16 +279,38 @@ impl Builder {
             runtime::run_to_end(&run(format!("{uv} venv --quiet --python {} {}", q(&python), q(&envdir)), vec![]), progress, INSTALL_TIMEOUT)
                 .await
                 .context("creating the virtualenv")?;
+            // Wheels built from sdists are offered back to uv from the
+            // builder's own wheelhouse (WHEELHOUSE): uv's cache alone does
+            // not keep them when the index's responses carry no caching
+            // headers (a proxy strips them), and uWSGI is then compiled
+            // again on every dependency change.
+            let wheels = q(&home.join(WHEELHOUSE).display().to_string());
             let install = match deps {
                 None => return Ok(()),
-                Some(PythonDeps::Requirements) => format!("{uv} pip install --python {} -r requirements.txt", q(&format!("{envdir}/bin/python"))),
-                Some(PythonDeps::Pyproject) => format!("{uv} pip install --python {} -r pyproject.toml", q(&format!("{envdir}/bin/python"))),
+                Some(PythonDeps::Requirements) => {
+                    format!("mkdir -p {wheels} && {uv} pip install --find-links {wheels} --python {} -r requirements.txt", q(&format!("{envdir}/bin/python")))
+                }
+                Some(PythonDeps::Pyproject) => {
+                    format!("mkdir -p {wheels} && {uv} pip install --find-links {wheels} --python {} -r pyproject.toml", q(&format!("{envdir}/bin/python")))
+                }
                 Some(PythonDeps::UvLock) => format!("{uv} sync --frozen --no-install-project --no-dev --python {}", q(&python)),
             };
             let extra = vec![("UV_PROJECT_ENVIRONMENT".to_string(), envdir.clone())];
             runtime::run_to_end(&run(install, extra), progress, INSTALL_TIMEOUT)
                 .await
                 .context("installing dependencies")?;
+            if deps != Some(PythonDeps::UvLock) {
+                // Run as the builder (the app's user), never as root: the
+                // cache is the app's, and root must not follow what it
+                // planted there. A failure only costs a later rebuild.
+                let harvest = format!(
+                    "find {cache}/sdists-v* -type f -name '*.whl' -exec cp -p {{}} {wheels}/ ';' 2>/dev/null; true",
+                    cache = q(&uv_cache.display().to_string())
+                );
+                if let Err(e) = runtime::run_to_end(&run(harvest, vec![]), &Progress::default(), INSTALL_TIMEOUT).await {
+                    tracing::warn!(error = %format!("{e:#}"), "keeping built wheels");
+                }
+            }
             return Ok(());
         }
         if deps == Some(PythonDeps::UvLock) {
@@ -348,6 +393,8 @@ impl Builder {
                     cwd: self.layout.root().to_path_buf(),
                     env: vec![("PATH".into(), self.base_path.clone()), ("HOME".into(), self.layout.cache().display().to_string())],
                     user: None,
+                    limits: Default::default(),
+                    container: None,
                 };
                 match runtime::run_to_end(&cmd, progress, INSTALL_TIMEOUT).await {
                     Ok(()) if bin.is_file() => Some(bin),
@@ -412,6 +459,27 @@ fn host_package_settings() -> Vec<(String, String)> {
         .collect()
 }
 
+/// Can an app's user (not the owner, not in root's group) run `path`?
+/// Only when the daemon is root: otherwise apps run as the daemon's user.
+fn runnable_by_app_users(path: &Path) -> std::result::Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        return Ok(());
+    }
+    let real = std::fs::canonicalize(path).map_err(|e| format!("cannot resolve it: {e}"))?;
+    let mode = |p: &Path| std::fs::metadata(p).map(|m| m.permissions().mode()).unwrap_or(0);
+    for dir in real.ancestors().skip(1) {
+        if mode(dir) & 0o001 == 0 {
+            return Err(format!("app users cannot enter {}", dir.display()));
+        }
+    }
+    if mode(&real) & 0o001 == 0 {
+        return Err("app users cannot execute it".into());
+    }
+    Ok(())
+}
+
 /// The pin from `.python-version` or `runtime.txt` (`python-3.11.7`).
 fn python_pin(dir: &Path) -> Result<Option<String>> {
     let read = |name: &str| -> Result<Option<String>> {
@@ -459,23 +527,17 @@ fn env_key(dir: &Path, deps: Option<PythonDeps>, interp: &Interpreter, uid: Opti
     h.update(interp.path.as_os_str().as_encoded_bytes());
     h.update(b"\0");
     h.update(interp.version.as_bytes());
-    let files: &[&str] = match deps {
+    let roots: &[&str] = match deps {
         None => &[],
         Some(PythonDeps::Requirements) => &["requirements.txt"],
         Some(PythonDeps::UvLock) => &["pyproject.toml", "uv.lock"],
         Some(PythonDeps::Pyproject) => &["pyproject.toml"],
     };
-    for f in files {
-        let p = dir.join(f);
-        let meta = std::fs::symlink_metadata(&p).with_context(|| format!("reading {f}"))?;
-        if !meta.file_type().is_file() {
-            bail!("{f} must be a regular file, not a symlink");
-        }
-        h.update(b"\0");
-        h.update(f.as_bytes());
-        h.update(b"\0");
-        h.update(std::fs::read(&p).with_context(|| format!("reading {f}"))?);
+    let mut inputs = crate::depfiles::DepInputs::default();
+    for f in roots {
+        inputs.add_root(dir, f)?;
     }
+    inputs.hash_into(dir, &mut h)?;
     Ok(hex::encode(&h.finalize()[..16]))
 }
 
@@ -496,10 +558,74 @@ async fn seal(dir: &Path) -> Result<()> {
         } else {
             Command::new("chown").args(&args).arg(dir).output().await
         }
-        .context("sealing the environment")?;
+        .with_context(|| format!("sealing {}", dir.display()))?;
         if !out.status.success() {
-            bail!("sealing the environment: {}", String::from_utf8_lossy(&out.stderr).trim());
+            bail!("sealing {}: {}", dir.display(), String::from_utf8_lossy(&out.stderr).trim());
         }
+    }
+    Ok(())
+}
+
+/// The build phase of a release (DESIGN.md `[build]`): the configured
+/// command; else, for a Django app (`manage.py` in the tree, Django in its
+/// environment), `collectstatic` as Heroku's Python support runs it,
+/// unless the config sets `DISABLE_COLLECTSTATIC=1`. `None`: no build.
+pub fn build_phase_command(
+    tree: &Path,
+    env: Option<&Environment>,
+    configured: Option<&str>,
+    config: &std::collections::BTreeMap<String, String>,
+) -> Option<String> {
+    if let Some(cmd) = configured {
+        return Some(cmd.to_string());
+    }
+    if config.get("DISABLE_COLLECTSTATIC").is_some_and(|v| v == "1") {
+        return None;
+    }
+    let manage = std::fs::symlink_metadata(tree.join("manage.py")).is_ok_and(|m| m.is_file());
+    if !manage || !env.is_some_and(has_django) {
+        return None;
+    }
+    // Only projects that use django.contrib.staticfiles have the command;
+    // `help` tells without running it, as Heroku's buildpack checks.
+    Some(AUTO_COLLECTSTATIC.to_string())
+}
+
+/// What runs for a Django app without a `[build] command`.
+pub const AUTO_COLLECTSTATIC: &str = "if python manage.py help collectstatic >/dev/null 2>&1; \
+then python manage.py collectstatic --noinput; \
+else echo 'collectstatic is not available (django.contrib.staticfiles not installed): skipped'; fi";
+
+/// Is Django installed in the environment? (lib/pythonX.Y/site-packages/django)
+fn has_django(env: &Environment) -> bool {
+    let Ok(libs) = std::fs::read_dir(env.dir.join("lib")) else { return false };
+    libs.flatten().any(|l| l.path().join("site-packages/django/__init__.py").is_file())
+}
+
+/// Hand a new release tree to the app's user for its build phase. The
+/// tree is not live yet and nothing else runs in it.
+pub async fn open_tree(tree: &Path, user: AppUser) -> Result<()> {
+    let out = Command::new("chown")
+        .args(["-R", "-P", "-h", &format!("{}:{}", user.uid, user.gid)])
+        .arg(tree)
+        .output()
+        .await
+        .context("opening the release tree for its build")?;
+    if !out.status.success() {
+        bail!("opening the release tree for its build: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
+}
+
+/// Take a built release tree back: the daemon's, not writable by the app,
+/// with no set-id bit, never following a symlink the build left in it.
+pub async fn seal_tree(tree: &Path, user: Option<AppUser>) -> Result<()> {
+    if user.is_some() {
+        seal(tree).await?;
+    }
+    let out = Command::new("chmod").args(["-R", "go-w,ug-s"]).arg(tree).output().await.context("sealing the release tree")?;
+    if !out.status.success() {
+        bail!("sealing the release tree: {}", String::from_utf8_lossy(&out.stderr).trim());
     }
     Ok(())
 }

@@ -17,7 +17,7 @@ use std::process::Stdio;
 use anyhow::{bail, Context, Result};
 use axum::body::Body;
 use axum::http::{HeaderMap, Method, Response, StatusCode};
-use futures_util::TryStreamExt;
+use futures_util::StreamExt;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::process::Command;
 
@@ -35,17 +35,23 @@ pub struct Repos {
     layout: Layout,
     /// This binary, which the hooks call.
     slipway_bin: PathBuf,
+    /// Held while a repo is created or its hook rewritten: concurrent first
+    /// pushes to a new app would otherwise race in `git init`/`git config`
+    /// ("could not lock config file"). Short; every other git step runs
+    /// outside it.
+    creating: tokio::sync::Mutex<()>,
 }
 
 impl Repos {
     pub fn new(layout: Layout, slipway_bin: PathBuf) -> Repos {
-        Repos { layout, slipway_bin }
+        Repos { layout, slipway_bin, creating: tokio::sync::Mutex::new(()) }
     }
 
     /// Create the app's bare repo if needed, and (re)write its hook so it
     /// always points at the running binary.
     pub async fn ensure(&self, app: &AppName) -> Result<PathBuf> {
         let repo = self.layout.repo(app);
+        let _creating = self.creating.lock().await;
         if !repo.join("HEAD").is_file() {
             tokio::fs::create_dir_all(self.layout.repos()).await.context("creating repos directory")?;
             git(None, &["init", "--quiet", "--bare", "--initial-branch=main"], Some(&repo)).await?;
@@ -58,8 +64,14 @@ impl Repos {
             "#!/bin/sh\n# Installed by slipway: the deploy runs inside the push.\nexec {} hook pre-receive\n",
             crate::build::shell_quote(&self.slipway_bin.display().to_string())
         );
-        tokio::fs::write(&hook, script).await.context("writing pre-receive hook")?;
-        set_mode(&hook, 0o755)?;
+        // Rewritten only when it changed, and by rename: a push running
+        // the hook right now must never read a half-written script.
+        if tokio::fs::read_to_string(&hook).await.ok().as_deref() != Some(script.as_str()) {
+            let tmp = hook.with_extension("tmp");
+            tokio::fs::write(&tmp, script).await.context("writing pre-receive hook")?;
+            set_mode(&tmp, 0o755)?;
+            tokio::fs::rename(&tmp, &hook).await.context("installing pre-receive hook")?;
+        }
         Ok(repo)
     }
 
@@ -89,6 +101,9 @@ impl Repos {
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
+            // Its own group: an abandoned push is ended whole (http-backend
+            // and the receive-pack it runs).
+            .process_group(0)
             .kill_on_drop(true);
         for (name, value) in headers {
             let Ok(v) = value.to_str() else { continue };
@@ -101,17 +116,28 @@ impl Repos {
             };
         }
         let mut child = cmd.spawn().context("starting git http-backend")?;
+        let pgid = child.id().map(|p| p as i32).unwrap_or(0);
         let mut stdin = child.stdin.take().context("http-backend stdin")?;
         let stdout = child.stdout.take().context("http-backend stdout")?;
         let mut stderr = child.stderr.take().context("http-backend stderr")?;
+        let ended = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
 
+        let ended_body = ended.clone();
         tokio::spawn(async move {
-            let stream = body.into_data_stream().map_err(std::io::Error::other);
-            let mut reader = tokio_util::io::StreamReader::new(stream);
-            if let Err(e) = tokio::io::copy(&mut reader, &mut stdin).await {
-                tracing::debug!(error = %e, "copying request body to http-backend");
-            }
+            let abandoned = copy_body(body, &mut stdin).await;
             let _ = stdin.shutdown().await;
+            drop(stdin);
+            if let Some(why) = abandoned {
+                // The request body never completed, so no hook (deploy) has
+                // started: git should end on its own at EOF; if it has not
+                // shortly, end its group.
+                tracing::info!(why, "push abandoned by its client");
+                tokio::time::sleep(ABANDONED_GRACE).await;
+                if !ended_body.load(std::sync::atomic::Ordering::SeqCst) && pgid > 1 {
+                    // SAFETY: kill(2) on our own child's process group.
+                    unsafe { libc::kill(-pgid, libc::SIGKILL) };
+                }
+            }
         });
         // git goes on without its client (receive-pack may still update
         // refs after the pusher left): report when it has really ended.
@@ -123,6 +149,7 @@ impl Repos {
                 tracing::debug!(stderr = %buf.trim(), "git http-backend");
             }
             let _ = child.wait().await;
+            ended.store(true, std::sync::atomic::Ordering::SeqCst);
             let _ = exited_tx.send(());
         });
 
@@ -149,6 +176,29 @@ impl Repos {
         }
         let stream = tokio_util::io::ReaderStream::new(out);
         Ok((resp.body(Body::from_stream(stream)).context("building git response")?, exited))
+    }
+}
+
+/// A push whose client sends nothing for this long is abandoned.
+const PUSH_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// How long git gets to end by itself after its client abandoned the push.
+const ABANDONED_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Copy a request body into git, giving up when the client goes away or
+/// stays silent for [`PUSH_IDLE_TIMEOUT`]. `Some(reason)`: abandoned.
+async fn copy_body(body: Body, stdin: &mut tokio::process::ChildStdin) -> Option<&'static str> {
+    let mut stream = body.into_data_stream();
+    loop {
+        match tokio::time::timeout(PUSH_IDLE_TIMEOUT, stream.next()).await {
+            Ok(Some(Ok(chunk))) => {
+                if stdin.write_all(&chunk).await.is_err() {
+                    return None; // git stopped reading: it ends by itself
+                }
+            }
+            Ok(Some(Err(_))) => return Some("the client went away mid-request"),
+            Ok(None) => return None,
+            Err(_) => return Some("no bytes from the client for 30s"),
+        }
     }
 }
 
@@ -221,8 +271,11 @@ pub async fn resolve(repo: &Path, refname: &str) -> Option<String> {
 /// `DEPLOYED-YYYY-MM-DD/HHMM` (UTC), with `-2`, `-3`... when that name is
 /// taken. Returns the new tag's name. Must not run while receive-pack of
 /// a push to this repo is under way (its objects may be quarantined).
-pub async fn tag_deploy(repo: &Path, commit: &str, now: chrono::DateTime<chrono::Utc>) -> Result<String> {
-    let base = format!("DEPLOYED-{}", now.format("%Y-%m-%d/%H%M"));
+///
+/// `prefix` ("" or "APP/") names a staging app's tags (`APP/LIVE`), so that
+/// one clone can fetch the tags of staging and live apps side by side.
+pub async fn tag_deploy(repo: &Path, commit: &str, now: chrono::DateTime<chrono::Utc>, prefix: &str) -> Result<String> {
+    let base = format!("{prefix}DEPLOYED-{}", now.format("%Y-%m-%d/%H%M"));
     let mut name = base.clone();
     let mut n = 1;
     while resolve_exact(repo, &format!("refs/tags/{name}")).await {
@@ -230,8 +283,30 @@ pub async fn tag_deploy(repo: &Path, commit: &str, now: chrono::DateTime<chrono:
         name = format!("{base}-{n}");
     }
     git(Some(repo), &["update-ref", &format!("refs/tags/{name}"), commit, &"0".repeat(40)], None).await?;
-    git(Some(repo), &["update-ref", "refs/tags/LIVE", commit], None).await?;
+    git(Some(repo), &["update-ref", &format!("refs/tags/{prefix}LIVE"), commit], None).await?;
     Ok(name)
+}
+
+/// Rename the unprefixed deploy tags (`LIVE`, `DEPLOYED-*`) to `prefix`ed
+/// ones, for an app that just became a staging app. Returns how many moved.
+pub async fn prefix_deploy_tags(repo: &Path, prefix: &str) -> Result<usize> {
+    let out = git_q(repo, &Quarantine::default(), &["for-each-ref", "--format=%(refname) %(objectname)", "refs/tags/"])
+        .output()
+        .await
+        .context("listing tags")?;
+    let mut moved = 0;
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Some((refname, id)) = line.split_once(' ') else { continue };
+        let Some(tag) = refname.strip_prefix("refs/tags/") else { continue };
+        if !(tag == "LIVE" || tag.starts_with("DEPLOYED-")) {
+            continue;
+        }
+        let new = format!("refs/tags/{prefix}{tag}");
+        git(Some(repo), &["update-ref", &new, id], None).await?;
+        git(Some(repo), &["update-ref", "-d", refname, id], None).await?;
+        moved += 1;
+    }
+    Ok(moved)
 }
 
 /// Does this exact ref exist (whatever it points at)?

@@ -36,6 +36,10 @@ impl Layout {
     pub fn root(&self) -> &Path {
         &self.root
     }
+    /// DIR/tls: ACME account, certificates, the internal CA.
+    pub fn tls(&self) -> PathBuf {
+        self.root.join("tls")
+    }
     pub fn db(&self) -> PathBuf {
         self.root.join("slipway.db")
     }
@@ -66,8 +70,23 @@ impl Layout {
     pub fn app_data(&self, app: &AppName) -> PathBuf {
         self.app(app).join("data")
     }
+    /// Persistent `[storage]` items of an app, seen by every release.
+    pub fn storage(&self, app: &AppName) -> PathBuf {
+        self.app_data(app).join("storage")
+    }
+    /// One `[storage]` item; `name` was validated by `manifest`.
+    pub fn storage_item(&self, app: &AppName, name: &str) -> PathBuf {
+        self.storage(app).join(name)
+    }
     pub fn logs(&self, app: &AppName) -> PathBuf {
         self.app(app).join("logs")
+    }
+    /// Each release's deploy output (history track): the daemon's, as logs.
+    pub fn deploy_outputs(&self, app: &AppName) -> PathBuf {
+        self.logs(app).join("deploys")
+    }
+    pub fn deploy_output(&self, app: &AppName, version: u32) -> PathBuf {
+        self.deploy_outputs(app).join(format!("v{version}.log"))
     }
     pub fn envs(&self) -> PathBuf {
         self.root.join("envs")

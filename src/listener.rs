@@ -15,13 +15,22 @@
 //! daemon that no longer takes pushes.
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, LazyLock, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::{Instant, Sleep};
+
+/// The daemon's listeners, for `/healthz`.
+pub static LISTENERS: LazyLock<Liveness> = LazyLock::new(Liveness::default);
 
 /// Raise the soft `RLIMIT_NOFILE` to the hard limit; returns the soft
 /// limit in force afterwards.
@@ -65,6 +74,13 @@ impl Budget {
         let rest = nofile - reserve;
         Budget { proxy: rest * 7 / 10 / 2, api: rest * 15 / 100, ssh: rest * 15 / 100, reserve }
     }
+}
+
+/// The per-peer cap for a listener holding `total`: an eighth of it, so
+/// that one address cannot take the listener for everyone, but a busy
+/// NAT or office still gets plenty.
+pub fn per_peer(total: usize) -> usize {
+    (total / 8).clamp(16, 4096)
 }
 
 /// Admission for one listener: at most `total` connections open, at most
@@ -161,6 +177,115 @@ pub async fn accept(listener: &TcpListener, gate: &Gate) -> (TcpStream, SocketAd
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
+    }
+}
+
+/// An admitted connection: its stream, its place in the gate, and two
+/// clocks. The client must send its first byte within `first_byte` (an
+/// idle connection that never speaks is the cheapest flood), and the
+/// connection closes once nothing has moved either way for `idle`.
+pub struct Guarded<S> {
+    inner: S,
+    _permit: Permit,
+    idle: Duration,
+    /// Until the first byte: the handshake deadline; then the idle one.
+    deadline: Pin<Box<Sleep>>,
+    last_activity: Instant,
+    /// Whether the client has sent anything yet.
+    spoke: bool,
+}
+
+impl<S> Guarded<S> {
+    pub fn new(inner: S, permit: Permit, first_byte: Duration, idle: Duration) -> Guarded<S> {
+        let now = Instant::now();
+        Guarded { inner, _permit: permit, idle, deadline: Box::pin(tokio::time::sleep_until(now + first_byte)), last_activity: now, spoke: false }
+    }
+
+    fn moved(&mut self) {
+        // Resetting a timer on every read would cost more than the read:
+        // note the time, and push the deadline only when it fires.
+        self.last_activity = Instant::now();
+    }
+
+    /// Err(TimedOut) once the deadline has passed with nothing moving.
+    fn check(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
+        while self.deadline.as_mut().poll(cx).is_ready() {
+            if !self.spoke {
+                return Err(io::Error::new(io::ErrorKind::TimedOut, "client sent nothing"));
+            }
+            let next = self.last_activity + self.idle;
+            if next <= Instant::now() {
+                return Err(io::Error::new(io::ErrorKind::TimedOut, "connection idle too long"));
+            }
+            self.deadline.as_mut().reset(next);
+        }
+        Ok(())
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Guarded<S> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        match Pin::new(&mut self.inner).poll_read(cx, buf) {
+            Poll::Ready(r) => {
+                if buf.filled().len() > before {
+                    self.spoke = true;
+                    self.moved();
+                }
+                Poll::Ready(r)
+            }
+            Poll::Pending => match self.check(cx) {
+                Ok(()) => Poll::Pending,
+                Err(e) => Poll::Ready(Err(e)),
+            },
+        }
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Guarded<S> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
+            self.moved();
+        }
+        polled
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// A TCP listener behind a [`Gate`], for `axum::serve`: refused peers are
+/// closed at once, accept errors (EMFILE) never end the listener, and
+/// every connection is [`Guarded`].
+pub struct GatedListener {
+    listener: TcpListener,
+    gate: Arc<Gate>,
+    first_byte: Duration,
+    idle: Duration,
+}
+
+impl GatedListener {
+    pub fn new(listener: TcpListener, gate: Arc<Gate>, first_byte: Duration, idle: Duration) -> GatedListener {
+        GatedListener { listener, gate, first_byte, idle }
+    }
+}
+
+impl axum::serve::Listener for GatedListener {
+    type Io = Guarded<TcpStream>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        let (stream, peer, permit) = accept(&self.listener, &self.gate).await;
+        let _ = stream.set_nodelay(true);
+        (Guarded::new(stream, permit, self.first_byte, self.idle), peer)
+    }
+
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.listener.local_addr()
     }
 }
 

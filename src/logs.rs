@@ -15,6 +15,17 @@ use crate::names::AppName;
 
 const ROTATE_BYTES: u64 = 10 * 1024 * 1024;
 const KEEP_ROTATED: u32 = 3;
+/// Lines kept for `logs -f` followers that lag: with 64 KiB lines, 8 MiB
+/// per followed app; a follower further behind is told how many it lost.
+const LIVE_LINES: usize = 128;
+/// The longest line a tail reads whole (an app line is at most 64 KiB).
+const MAX_LINE: u64 = 128 * 1024;
+/// Bytes sent to a tail's client per chunk, and chunks queued for it.
+const CHUNK: usize = 16 * 1024;
+const CHUNKS_QUEUED: usize = 2;
+/// Tails scanning the files at once; more wait their turn, so 40 clients
+/// asking for 10,000 lines cost disk time, not memory.
+static SCANS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(4);
 
 #[derive(Clone)]
 pub struct Logs {
@@ -40,7 +51,7 @@ impl Logs {
                 Arc::new(AppLog {
                     dir: self.layout.logs(app),
                     file: Mutex::new(None),
-                    live: broadcast::channel(1024).0,
+                    live: broadcast::channel(LIVE_LINES).0,
                 })
             })
             .clone()
@@ -55,8 +66,12 @@ impl AppLog {
     /// Append one line from `source` (`web.1`, `slipway`, ...).
     pub fn write(&self, source: &str, text: &str) {
         let ts = chrono::Utc::now().format("%Y-%m-%dT%H:%M:%S%.3fZ");
-        let line = format!("{ts} {source}: {text}");
-        let _ = self.live.send(line.clone());
+        let line = format!("{ts} {source}: {text}\n");
+        // Followers get the line without its newline; none, no copy (the
+        // router writes a line per request).
+        if self.live.receiver_count() > 0 {
+            let _ = self.live.send(line[..line.len() - 1].to_string());
+        }
         let mut guard = self.file.lock().unwrap_or_else(|e| e.into_inner());
         if let Err(e) = self.append(&mut guard, &line) {
             // Logging must never take an app down; the next write retries.
@@ -80,9 +95,10 @@ impl AppLog {
             *guard = Some((f, size));
         }
         if let Some((f, size)) = guard.as_mut() {
+            // One write per line (newline included): appends from the
+            // daemon's threads stay whole, and a line costs one syscall.
             f.write_all(line.as_bytes())?;
-            f.write_all(b"\n")?;
-            *size += line.len() as u64 + 1;
+            *size += line.len() as u64;
         }
         Ok(())
     }
@@ -101,24 +117,122 @@ impl AppLog {
         self.live.subscribe()
     }
 
-    /// The last `n` lines, from the current file and, when it is short,
-    /// the rotated ones before it.
-    pub fn tail(&self, n: usize) -> Vec<String> {
-        let mut out: Vec<String> = Vec::new();
-        let mut files = vec![self.dir.join("app.log")];
-        files.extend((1..=KEEP_ROTATED).map(|i| self.dir.join(format!("app.log.{i}"))));
-        for path in files {
-            if out.len() >= n {
+    /// The last `n` lines that `keep` accepts, from the current file and,
+    /// when it is short, the rotated ones before it, streamed in small
+    /// chunks as the client reads them: memory stays a few chunks per
+    /// client whatever `n` and the line lengths.
+    pub fn tail_stream<F>(&self, n: usize, keep: F) -> tokio_stream::wrappers::ReceiverStream<std::io::Result<bytes::Bytes>>
+    where
+        F: Fn(&str) -> bool + Send + Sync + 'static,
+    {
+        let (tx, rx) = tokio::sync::mpsc::channel(CHUNKS_QUEUED);
+        let dir = self.dir.clone();
+        tokio::spawn(async move {
+            let segments = {
+                let Ok(_permit) = SCANS.acquire().await else { return };
+                let dir = dir.clone();
+                let keep = &keep;
+                // Scanning reads whole files: off the async threads.
+                match tokio::task::block_in_place(move || tail_segments(&dir, n, keep)) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        let _ = tx.send(Err(e)).await;
+                        return;
+                    }
+                }
+            };
+            let _ = stream_segments(segments, &keep, &tx).await;
+        });
+        tokio_stream::wrappers::ReceiverStream::new(rx)
+    }
+}
+
+/// One line (at most [`MAX_LINE`] bytes, a longer one comes in pieces)
+/// into `buf`; 0 at the end.
+fn read_line(r: &mut BufReader<File>, buf: &mut Vec<u8>) -> std::io::Result<usize> {
+    use std::io::Read;
+    buf.clear();
+    r.by_ref().take(MAX_LINE).read_until(b'\n', buf)
+}
+
+/// Where the last `n` kept lines start: (file, from offset, to length),
+/// oldest first. Each file is read forward keeping only the offsets of
+/// the last `n` kept lines.
+fn tail_segments(dir: &std::path::Path, n: usize, keep: &dyn Fn(&str) -> bool) -> std::io::Result<Vec<(File, u64, u64)>> {
+    use std::io::Seek;
+    let mut need = n;
+    let mut segments = Vec::new();
+    let mut files = vec![dir.join("app.log")];
+    files.extend((1..=KEEP_ROTATED).map(|i| dir.join(format!("app.log.{i}"))));
+    let mut buf = Vec::new();
+    for path in files {
+        if need == 0 {
+            break;
+        }
+        let Ok(f) = File::open(&path) else { continue };
+        // Lines appended after this point reach followers live instead.
+        let len = f.metadata()?.len();
+        let mut starts: std::collections::VecDeque<u64> = std::collections::VecDeque::new();
+        let mut r = BufReader::new(f);
+        let mut at = 0u64;
+        while at < len {
+            let read = read_line(&mut r, &mut buf)?;
+            if read == 0 {
                 break;
             }
-            let Ok(f) = File::open(&path) else { continue };
-            let lines: Vec<String> = BufReader::new(f).lines().map_while(Result::ok).collect();
-            let need = n - out.len();
-            let start = lines.len().saturating_sub(need);
-            let mut chunk = lines[start..].to_vec();
-            chunk.append(&mut out);
-            out = chunk;
+            if keep(String::from_utf8_lossy(&buf).trim_end_matches('\n')) {
+                if starts.len() == need {
+                    starts.pop_front();
+                }
+                starts.push_back(at);
+            }
+            at += read as u64;
         }
-        out
+        if let Some(&from) = starts.front() {
+            need -= starts.len();
+            let mut f = r.into_inner();
+            f.seek(std::io::SeekFrom::Start(from))?;
+            segments.push((f, from, len));
+        }
     }
+    segments.reverse();
+    Ok(segments)
+}
+
+async fn stream_segments(
+    segments: Vec<(File, u64, u64)>,
+    keep: &(dyn Fn(&str) -> bool + Sync),
+    tx: &tokio::sync::mpsc::Sender<std::io::Result<bytes::Bytes>>,
+) -> Result<(), ()> {
+    let mut chunk: Vec<u8> = Vec::with_capacity(CHUNK);
+    let mut buf = Vec::new();
+    for (f, from, len) in segments {
+        let mut r = BufReader::with_capacity(CHUNK, f);
+        let mut at = from;
+        while at < len {
+            // Small reads of a file the daemon just wrote (page cache).
+            let read = read_line(&mut r, &mut buf).map_err(|_| ())?;
+            if read == 0 {
+                break;
+            }
+            at += read as u64;
+            if !keep(String::from_utf8_lossy(&buf).trim_end_matches('\n')) {
+                continue;
+            }
+            // Send what is gathered before a line would take the chunk past
+            // CHUNK: a chunk is then at most one long line, not CHUNK plus one.
+            if !chunk.is_empty() && chunk.len() + buf.len() > CHUNK {
+                let full = std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK));
+                tx.send(Ok(bytes::Bytes::from(full))).await.map_err(|_| ())?;
+            }
+            chunk.extend_from_slice(&buf);
+            if !buf.ends_with(b"\n") {
+                chunk.push(b'\n');
+            }
+        }
+    }
+    if !chunk.is_empty() {
+        tx.send(Ok(bytes::Bytes::from(chunk))).await.map_err(|_| ())?;
+    }
+    Ok(())
 }

@@ -310,6 +310,10 @@ impl Manifest {
 }
 
 /// `TYPE: command` lines; `#` comments and blank lines skipped.
+/// Process types an app may declare: each costs processes, pipes and a
+/// supervisor task, so 600 of them must not exhaust the daemon.
+pub const MAX_PROCESS_TYPES: usize = 32;
+
 pub fn parse_procfile(text: &str) -> Result<Vec<(String, String)>, ManifestError> {
     let mut out: Vec<(String, String)> = Vec::new();
     for (i, raw) in text.lines().enumerate() {
@@ -338,6 +342,10 @@ pub fn parse_procfile(text: &str) -> Result<Vec<(String, String)>, ManifestError
         }
         if out.iter().any(|(n, _)| n == name) {
             return Err(err(format!("process type {name} is defined twice")));
+        }
+        // process track (issue 10 #9): each type is processes and pipes.
+        if out.len() == MAX_PROCESS_TYPES {
+            return Err(err(format!("more than {MAX_PROCESS_TYPES} process types")));
         }
         out.push((name.to_string(), command.to_string()));
     }
@@ -512,9 +520,14 @@ fn describe_toml_error(e: &toml::de::Error, text: &str) -> String {
                 Some(span) => format!(" on line {}", text.get(..span.start).unwrap_or("").matches('\n').count() + 1),
                 None => String::new(),
             };
+            // history track: a section is said as it is written, `[healthcheck]`.
+            let line_of = |at: usize| text.get(..at).map(|t| t.rfind('\n').map_or(0, |i| i + 1)).and_then(|from| text.get(from..));
+            let section = e.span().and_then(|sp| line_of(sp.start)).is_some_and(|l| l.trim_start().starts_with('['));
+            let show = |k: &str| if section { format!("[{k}]") } else { format!("{k:?}") };
+            let kind = if section { "section" } else { "key" };
             return match best {
-                Some((_, c)) => format!("unknown key {unknown:?}{place}; did you mean {c:?}?"),
-                None => format!("unknown key {unknown:?}{place}; valid here: {}", candidates.join(", ")),
+                Some((_, c)) => format!("unknown {kind} {}{place}; did you mean {}?", show(unknown), show(c)),
+                None => format!("unknown {kind} {}{place}; valid here: {}", show(unknown), candidates.join(", ")),
             };
         }
     }
@@ -716,11 +729,13 @@ image = "python"
     #[test]
     fn unknown_keys_suggest_the_nearest() {
         let e = Manifest::parse("web: a", "[healtcheck]\npath = \"/\"").expect_err("typo").to_string();
-        assert!(e.contains("did you mean \"healthcheck\""), "{e}");
+        assert!(e.contains("unknown section [healtcheck] on line 1; did you mean [healthcheck]?"), "{e}");
         let e = Manifest::parse("web: a", "[processes.web]\nstop_timout = \"3s\"").expect_err("typo").to_string();
         assert!(e.contains("did you mean \"stop_timeout\""), "{e}");
         let e = Manifest::parse("web: a", "[healthcheck]\ntimeout = \"2h\"").expect_err("range").to_string();
         assert!(e.contains("outside 1s to 1h"), "{e}");
+        let m = Manifest::parse("web: a", "[healthcheck]\ntimeout = \"1m30s\"").map_err(|e| e.to_string());
+        assert_eq!(m.map(|m| m.health_timeout), Ok(Duration::from_secs(90)));
     }
 
     #[test]

@@ -46,11 +46,23 @@ pub struct Platform {
     /// Run each app as its own unprivileged user (the daemon is root).
     pub isolation: bool,
     users: Mutex<HashMap<String, crate::runtime::AppUser>>,
+    /// Certificates, with `--https` (set once at start-up).
+    pub certs: std::sync::OnceLock<Arc<crate::certs::Certs>>,
+    /// The first uid of this server's block (see `runtime::uids`): app
+    /// uids are allocated from it, [`crate::runtime::uids::BLOCK`] of them.
+    uid_base: std::sync::atomic::AtomicU32,
+    /// Set once at SIGTERM/SIGINT: in-flight deploys cancel, new ones are
+    /// refused, so nothing goes live while the daemon stops.
+    shutdown: tokio::sync::watch::Sender<bool>,
+    /// upgrade track: set during a hand-over to the next daemon; operations
+    /// that change apps are refused ("server restarting") meanwhile.
+    restarting: std::sync::atomic::AtomicBool,
+    /// Bumped whenever a key is removed or a token revoked: open sessions
+    /// and streams re-check their credential and end if it is gone.
+    revocations: tokio::sync::watch::Sender<u64>,
+    /// Images of the releases that run in containers (docker track).
+    pub images: crate::runtime::container::AppImages,
 }
-
-/// App uids start here, far above any distribution's system and login
-/// users, so they never collide with a real account.
-const FIRST_APP_UID: u32 = 200_000;
 
 /// Who is pushing to which app, registered for the duration of one push.
 #[derive(Debug, Clone)]
@@ -102,6 +114,12 @@ impl Platform {
             api_addr,
             isolation,
             users: Mutex::default(),
+            certs: std::sync::OnceLock::new(),
+            uid_base: std::sync::atomic::AtomicU32::new(crate::runtime::uids::FIRST),
+            shutdown: tokio::sync::watch::channel(false).0,
+            restarting: std::sync::atomic::AtomicBool::new(false),
+            revocations: tokio::sync::watch::channel(0).0,
+            images: Default::default(),
         }
     }
 
@@ -124,7 +142,7 @@ impl Platform {
         if let Some(u) = self.users.lock().unwrap_or_else(|e| e.into_inner()).get(app.as_str()).copied() {
             return Some(u);
         }
-        let user = match self.store.app_uid(app, FIRST_APP_UID) {
+        let user = match self.allocate_uid(app) {
             Ok(uid) => crate::runtime::AppUser { uid, gid: uid },
             Err(e) => {
                 tracing::error!(app = %app, error = %format!("{e:#}"), "looking up the app's user failed; using nobody");
@@ -135,13 +153,113 @@ impl Platform {
         Some(user)
     }
 
+    /// A key was removed or a token revoked.
+    pub fn credentials_revoked(&self) {
+        self.revocations.send_modify(|g| *g += 1);
+    }
+
+    /// Resolves once a revocation leaves `still_valid` false; never if the
+    /// credential stays.
+    pub async fn until_revoked<F, Fut>(&self, still_valid: F)
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = bool>,
+    {
+        let mut rx = self.revocations.subscribe();
+        loop {
+            if rx.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+            if !still_valid().await {
+                return;
+            }
+        }
+    }
+
+    /// Is this bearer token (by hash) still good: a live SSH session's or
+    /// a stored, unrevoked token?
+    pub async fn token_valid(&self, hash: &str) -> bool {
+        if self.session_principal(hash).is_some() {
+            return true;
+        }
+        let h = hash.to_string();
+        // A database error is not a revocation: keep the stream.
+        self.store.call(move |s| s.token_by_hash(&h)).await.map(|t| t.is_some()).unwrap_or(true)
+    }
+
+    /// The daemon is stopping: cancel deploys, refuse new ones.
+    pub fn begin_shutdown(&self) {
+        self.shutdown.send_replace(true);
+    }
+
+    /// upgrade track: a hand-over to the next daemon begins (true) or was
+    /// given up (false).
+    pub fn set_restarting(&self, on: bool) {
+        self.restarting.store(on, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    pub fn restarting(&self) -> bool {
+        self.restarting.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    pub fn shutting_down(&self) -> bool {
+        *self.shutdown.borrow()
+    }
+
+    /// Run a deploy step unless the daemon starts stopping first; then
+    /// the step is dropped (its processes die with the app user's at
+    /// shutdown) and the deploy fails, so it never goes live.
+    pub async fn unless_shutdown<T>(&self, step: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
+        let mut rx = self.shutdown.subscribe();
+        tokio::select! {
+            biased;
+            _ = rx.wait_for(|v| *v) => anyhow::bail!("the server is shutting down: deploy cancelled, nothing went live"),
+            r = step => r,
+        }
+    }
+
+    /// Use the block of app uids the server claimed at start.
+    pub fn set_uid_base(&self, base: u32) {
+        self.uid_base.store(base, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The app's uid from the store, allocated in this server's block on
+    /// first use; refused past the block's end (it would be another
+    /// server's).
+    fn allocate_uid(&self, app: &AppName) -> anyhow::Result<u32> {
+        let base = self.uid_base.load(std::sync::atomic::Ordering::Relaxed);
+        let uid = self.store.app_uid(app, base)?;
+        if uid < base || uid >= base + crate::runtime::uids::BLOCK {
+            anyhow::bail!("app uid {uid} of {app} is outside this server's block {base}..{}", base + crate::runtime::uids::BLOCK);
+        }
+        Ok(uid)
+    }
+
+    /// Stop everything that runs as the app's user: one-offs, release
+    /// phases and whatever detached from its supervisor (setsid). Only
+    /// with isolation, where the uid is the app's alone.
+    pub async fn kill_app_processes(&self, app: &AppName) {
+        if let Some(user) = self.user_of(app) {
+            crate::runtime::kill_user(user).await;
+        }
+    }
+
+    /// upgrade track: the same, sparing the process groups in `keep`
+    /// (instances to adopt).
+    pub async fn kill_app_processes_except(&self, app: &AppName, keep: &[i32]) {
+        match self.user_of(app) {
+            Some(user) if keep.is_empty() => crate::runtime::kill_user(user).await,
+            Some(user) => crate::runtime::kill_user_except(user, keep).await,
+            None => {}
+        }
+    }
+
     /// Look up (allocating on first use) the app's user.
     pub async fn load_user(&self, app: &AppName) -> anyhow::Result<Option<crate::runtime::AppUser>> {
         if !self.isolation {
             return Ok(None);
         }
-        let a = app.clone();
-        let uid = self.store.call(move |s| s.app_uid(&a, FIRST_APP_UID)).await?;
+        let uid = self.allocate_uid(app)?;
         let user = crate::runtime::AppUser { uid, gid: uid };
         self.users.lock().unwrap_or_else(|e| e.into_inner()).insert(app.to_string(), user);
         Ok(Some(user))
@@ -166,12 +284,58 @@ impl Platform {
             Ok(d) => hosts.extend(d),
             Err(e) => tracing::warn!(app = %app, error = %format!("{e:#}"), "reading domains failed"),
         }
+        if let Some(certs) = self.certs.get() {
+            certs.set_hosts(app.as_str(), hosts.clone());
+        }
         self.proxy.set_hosts(app.as_str(), hosts);
+    }
+
+    /// history track (issue 13 #5): write the proxy's access lines to the
+    /// logs of the apps they went to, as `router` lines, on a thread of
+    /// their own. The instance serving each upstream address is looked up
+    /// once per batch of lines; an address no instance holds any more
+    /// (drained, stopped) is remembered for a while, so late lines of a
+    /// drained process still reach its app.
+    pub fn serve_router_lines(self: &Arc<Self>) {
+        let Some(rx) = crate::proxy::access::open() else { return };
+        let p = Arc::downgrade(self);
+        let spawned = std::thread::Builder::new().name("router-lines".into()).spawn(move || {
+            let mut known: HashMap<std::net::SocketAddr, (String, String)> = HashMap::new();
+            let mut fresh_for: Option<std::time::Instant> = None;
+            crate::proxy::access::serve(rx, |addr, entry, line| {
+                let Some(p) = p.upgrade() else { return false };
+                // Refreshed at most every 100 ms, and when an address is new.
+                if !known.contains_key(&addr) || fresh_for.is_none_or(|t| t.elapsed() > std::time::Duration::from_millis(100)) {
+                    if known.len() > 4096 {
+                        known.clear();
+                    }
+                    for app in p.supervisor.apps() {
+                        for inst in p.supervisor.instances(&app) {
+                            if let Some(port) = inst.spec.port {
+                                known.insert(std::net::SocketAddr::from(([127, 0, 0, 1], port)), (app.clone(), inst.name()));
+                            }
+                        }
+                    }
+                    fresh_for = Some(std::time::Instant::now());
+                }
+                let Some((app, instance)) = known.get(&addr) else { return false };
+                crate::proxy::access::observe(app, entry);
+                let Ok(app) = AppName::parse(app) else { return false };
+                p.logs.app(&app).write("router", &line(instance));
+                true
+            });
+        });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "no router access lines: starting their writer failed");
+        }
     }
 
     /// Append to the audit trail. A failure to record never fails the
     /// operation it describes.
     pub async fn event(&self, app: Option<&AppName>, actor: &Actor, action: &str, detail: &str, outcome: &str) {
+        // One structured line per operation in the daemon's log (JSON with
+        // --log-format json), as recorded in the event log.
+        tracing::info!(app = app.map(|a| a.as_str()).unwrap_or("-"), actor = %actor.0, action, detail, outcome, "operation");
         let (app, actor, action, detail, outcome) =
             (app.map(|a| a.to_string()), actor.0.clone(), action.to_string(), detail.to_string(), outcome.to_string());
         if let Err(e) = self.store.call(move |s| s.record_event(app.as_deref(), &actor, &action, &detail, &outcome)).await {
@@ -250,7 +414,8 @@ impl Platform {
         detail: &str,
     ) {
         let a = app.clone();
-        let Ok(Some(url)) = self.store.call(move |s| s.webhook(&a)).await else { return };
+        // people track: the app's signing secret, and the delivery's outcome in events.
+        let Ok((Some(url), secret)) = self.store.call(move |s| Ok((s.webhook(&a)?, s.webhook_secret(&a)?))).await else { return };
         let payload = serde_json::json!({
             "app": app.as_str(),
             "action": action,
@@ -262,6 +427,10 @@ impl Platform {
             "at": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
             "url": self.app_url(app),
         });
-        crate::notify::deliver(url, payload);
+        let (store, app) = (self.store.clone(), app.to_string());
+        crate::notify::deliver(url, secret, payload, move |d| async move {
+            let outcome = if d.ok { "ok" } else { "failed" };
+            let _ = store.call(move |s| s.record_event(Some(&app), "slipway", "webhook", &d.detail, outcome)).await;
+        });
     }
 }

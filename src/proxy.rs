@@ -7,28 +7,48 @@
 //! request path never takes a lock. Each upstream counts its in-flight
 //! requests, which is how a deploy knows an old process has drained.
 
+pub mod access;
+mod body;
+mod connector;
+mod forwarded;
+pub mod owner;
+mod statics;
+
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http_body_util::{combinators::BoxBody, BodyExt, Empty, Full};
-use hyper::body::{Body, Frame, Incoming, SizeHint};
-use hyper::header::{HeaderName, HeaderValue, HOST};
-use hyper::{Request, Response, StatusCode, Uri};
+use hyper::body::{Body, Incoming};
+use hyper::header::{HeaderValue, CONNECTION, HOST, UPGRADE};
+use hyper::{Method, Request, Response, StatusCode, Version};
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use ipnet::IpNet;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
-type ProxyBody = BoxBody<Bytes, hyper::Error>;
+use crate::listener::{self, Gate};
+pub use forwarded::Scheme;
+pub use statics::Statics;
+
+type ProxyBody = BoxBody<Bytes, body::BoxError>;
+type UpstreamClient = Client<connector::OwnerChecked, ProxyBody>;
+
+/// Time a client has to send a request's headers, and the longest an idle
+/// keep-alive connection is kept (hyper starts the clock when it waits for
+/// a request head).
+const HEADER_TIMEOUT: Duration = Duration::from_secs(20);
+/// Grace for open connections when the daemon stops.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 /// One running web process the proxy may send requests to. Its address
 /// can change under it (a web process restarted by the supervisor comes
@@ -38,12 +58,29 @@ type ProxyBody = BoxBody<Bytes, hyper::Error>;
 #[derive(Debug)]
 pub struct Upstream {
     addr: ArcSwap<SocketAddr>,
+    /// The uid that must own the socket at `addr` (the app's user); `None`
+    /// when apps run as the daemon's own user and there is nothing to tell
+    /// them apart by.
+    owner: Option<u32>,
     in_flight: AtomicUsize,
+    /// Cancelled when a drain times out: upgraded connections (WebSockets)
+    /// still open to this upstream are then closed.
+    closing: CancellationToken,
 }
 
 impl Upstream {
     pub fn new(addr: SocketAddr) -> Arc<Upstream> {
-        Arc::new(Upstream { addr: ArcSwap::from_pointee(addr), in_flight: AtomicUsize::new(0) })
+        Upstream::owned(addr, None)
+    }
+    /// An upstream whose listening socket must belong to `owner`: the
+    /// proxy refuses to send it traffic otherwise (ARCHITECTURE.md).
+    pub fn owned(addr: SocketAddr, owner: Option<u32>) -> Arc<Upstream> {
+        Arc::new(Upstream {
+            addr: ArcSwap::from_pointee(addr),
+            owner,
+            in_flight: AtomicUsize::new(0),
+            closing: CancellationToken::new(),
+        })
     }
     pub fn addr(&self) -> SocketAddr {
         **self.addr.load()
@@ -64,10 +101,18 @@ struct Backend {
     next: AtomicUsize,
 }
 
-/// Host → backend. Built whole, never mutated after it is stored.
+/// Host → what answers there. Built whole, never mutated after it is stored.
 #[derive(Default)]
 struct RouteTable {
-    hosts: HashMap<String, Arc<Backend>>,
+    hosts: HashMap<String, Route>,
+}
+
+/// One app's entry: its upstreams and the `[static]` mounts of the same
+/// live release, swapped together.
+#[derive(Clone)]
+struct Route {
+    backend: Arc<Backend>,
+    statics: Arc<Statics>,
 }
 
 /// What one app contributes to the route table.
@@ -75,14 +120,30 @@ struct RouteTable {
 struct AppRoute {
     hosts: Vec<String>,
     backend: Option<Arc<Backend>>,
+    statics: Arc<Statics>,
 }
+
+/// upgrade track: how long an open connection is still served once the
+/// proxy begins closing (a hand-over, a shutdown), before its graceful
+/// close (see `serve_connection`).
+const CLOSE_LINGER: Duration = Duration::from_secs(1);
 
 pub struct Proxy {
     routes: ArcSwap<RouteTable>,
     /// The source the table is rebuilt from. Writers (deploys, domain
     /// changes) are rare and serialized here; readers never touch it.
     apps: Mutex<HashMap<String, AppRoute>>,
-    client: Client<HttpConnector, ProxyBody>,
+    /// Pooled keep-alive connections to the upstreams.
+    client: UpstreamClient,
+    /// Never pools: a retry must not land on another stale connection.
+    fresh: UpstreamClient,
+    /// Peers whose `X-Forwarded-*` are believed (`--trusted-proxy`).
+    trusted: ArcSwap<Vec<IpNet>>,
+    /// Flipped once when the daemon stops: every connection, on any
+    /// listener, finishes its request and closes.
+    closing: watch::Sender<bool>,
+    // tls track: set with --https; plain HTTP asks it about ACME challenges and redirects.
+    certs: std::sync::OnceLock<Arc<crate::certs::Certs>>,
 }
 
 impl Default for Proxy {
@@ -96,11 +157,35 @@ impl Proxy {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(Duration::from_secs(5)));
+        let connector = connector::OwnerChecked::new(connector);
         let client = Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(30))
-            .build(connector);
-        Proxy { routes: ArcSwap::from_pointee(RouteTable::default()), apps: Mutex::new(HashMap::new()), client }
+            // Shorter than any app server's keep-alive timeout we know of
+            // (uWSGI, gunicorn: 2 s or more), so the pool rarely holds a
+            // connection the app is about to close.
+            .pool_idle_timeout(Duration::from_millis(1500))
+            .build(connector.clone());
+        let fresh = Client::builder(TokioExecutor::new()).pool_max_idle_per_host(0).build(connector);
+        Proxy {
+            routes: ArcSwap::from_pointee(RouteTable::default()),
+            apps: Mutex::new(HashMap::new()),
+            client,
+            fresh,
+            trusted: ArcSwap::from_pointee(Vec::new()),
+            closing: watch::channel(false).0,
+            certs: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// With `--https`: plain HTTP answers ACME challenges and redirects
+    /// hosts that have a certificate (tls track).
+    pub fn set_certs(&self, certs: Arc<crate::certs::Certs>) {
+        let _ = self.certs.set(certs);
+    }
+
+    /// Believe `X-Forwarded-*` from peers in these ranges.
+    pub fn set_trusted_proxies(&self, nets: Vec<IpNet>) {
+        self.trusted.store(Arc::new(nets));
     }
 
     /// Set the hosts an app answers on (its default host and its domains).
@@ -113,6 +198,24 @@ impl Proxy {
     pub fn set_upstreams(&self, app: &str, upstreams: Vec<Arc<Upstream>>) {
         let backend = Arc::new(Backend { upstreams, next: AtomicUsize::new(0) });
         self.update(|apps| apps.entry(app.to_string()).or_default().backend = Some(backend));
+    }
+
+    /// Serve `[static]` from another release's tree (its processes were
+    /// reloaded in place, so its upstreams stay).
+    pub fn set_statics(&self, app: &str, statics: Statics) {
+        self.update(|apps| apps.entry(app.to_string()).or_default().statics = Arc::new(statics));
+    }
+
+    /// A release goes live: its upstreams and its static files in one
+    /// atomic store, so no request sees one release's page with another's
+    /// assets.
+    pub fn switch(&self, app: &str, upstreams: Vec<Arc<Upstream>>, statics: Statics) {
+        let backend = Arc::new(Backend { upstreams, next: AtomicUsize::new(0) });
+        self.update(|apps| {
+            let route = apps.entry(app.to_string()).or_default();
+            route.backend = Some(backend);
+            route.statics = Arc::new(statics);
+        });
     }
 
     pub fn upstreams(&self, app: &str) -> Vec<Arc<Upstream>> {
@@ -132,16 +235,18 @@ impl Proxy {
         let empty = Arc::new(Backend { upstreams: Vec::new(), next: AtomicUsize::new(0) });
         let mut table = RouteTable::default();
         for route in apps.values() {
-            let backend = route.backend.clone().unwrap_or_else(|| empty.clone());
+            let entry = Route { backend: route.backend.clone().unwrap_or_else(|| empty.clone()), statics: route.statics.clone() };
             for host in &route.hosts {
-                table.hosts.insert(host.clone(), backend.clone());
+                table.hosts.insert(host.clone(), entry.clone());
             }
         }
         self.routes.store(Arc::new(table));
     }
 
-    /// Wait until none of `upstreams` has a request in flight, or `timeout`.
-    /// Call after they were swapped out, so no new request can reach them.
+    /// Wait until none of `upstreams` has a request in flight (upgraded
+    /// connections included), or `timeout`; then close the upgraded
+    /// connections still open. Call after they were swapped out, so no new
+    /// request can reach them.
     pub async fn drain(&self, upstreams: &[Arc<Upstream>], timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
         loop {
@@ -149,59 +254,132 @@ impl Proxy {
                 return true;
             }
             if Instant::now() >= deadline {
+                for u in upstreams {
+                    u.closing.cancel();
+                }
                 return false;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
-    /// Serve the proxy on `listener` until `shutdown` flips.
-    pub async fn serve(self: Arc<Self>, listener: TcpListener, mut shutdown: watch::Receiver<bool>) {
+    /// Finish open requests and close every connection (daemon shutdown,
+    /// or the old daemon's side of a hand-over).
+    pub fn close(&self) {
+        self.closing.send_replace(true);
+    }
+
+    /// Serve plain HTTP on `listener` until `shutdown` flips, admitting
+    /// connections through `gate`.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, gate: Arc<Gate>, mut shutdown: watch::Receiver<bool>) {
+        let _alive = listener::LISTENERS.up("http");
         loop {
-            let (stream, peer) = tokio::select! {
-                r = listener.accept() => match r {
-                    Ok(c) => c,
-                    Err(e) => {
-                        // Out of file descriptors and the like: back off, keep serving.
-                        tracing::warn!(error = %e, "proxy accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
-                _ = shutdown.changed() => return,
+            let (stream, peer, permit) = tokio::select! {
+                c = listener::accept(&listener, &gate) => c,
+                _ = shutdown.changed() => {
+                    self.close();
+                    return;
+                }
             };
             let _ = stream.set_nodelay(true);
             let proxy = self.clone();
-            let mut conn_shutdown = shutdown.clone();
             tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |req| {
-                    let proxy = proxy.clone();
-                    async move { Ok::<_, Infallible>(proxy.handle(req, peer).await) }
-                });
-                let conn = hyper::server::conn::http1::Builder::new()
-                    .timer(TokioTimer::new())
-                    .header_read_timeout(Duration::from_secs(30))
-                    .serve_connection(TokioIo::new(stream), service)
-                    .with_upgrades();
-                tokio::pin!(conn);
-                tokio::select! {
-                    _ = conn.as_mut() => {}
-                    _ = conn_shutdown.changed() => {
-                        conn.as_mut().graceful_shutdown();
-                        let _ = tokio::time::timeout(Duration::from_secs(10), conn).await;
-                    }
-                }
+                proxy.serve_connection(stream, peer, Scheme::Http).await;
+                drop(permit);
             });
         }
     }
 
-    async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
+    /// Serve one accepted connection (plain TCP, or TLS from the HTTPS
+    /// listener) until it closes. HTTP/1.1 for `Scheme::Http`; HTTP/1.1 or
+    /// HTTP/2 for `Scheme::Https`, by what the client speaks (ALPN). The
+    /// scheme is what the app is told in `X-Forwarded-Proto`.
+    pub async fn serve_connection<I>(self: Arc<Self>, io: I, peer: SocketAddr, scheme: Scheme)
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let mut closing = self.closing.subscribe();
+        // upgrade track: once the listener closes (a hand-over, a
+        // shutdown), open connections are served CLOSE_LINGER more before
+        // their graceful close, and every HTTP/1 response in that time says
+        // `Connection: close`. A busy keep-alive client thus learns from a
+        // response to reconnect (to the new daemon, which holds the same
+        // listening socket) instead of finding its connection closed under
+        // a request it has already sent; a connection accepted just before
+        // the close gets its first request read and answered. Only a client
+        // idle for the whole linger meets the close, as at any keep-alive
+        // timeout.
+        let closing_now = async move {
+            let _ = closing.wait_for(|v| *v).await;
+            tokio::time::sleep(CLOSE_LINGER).await;
+        };
+        tokio::pin!(closing_now);
+        let proxy = self.clone();
+        let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+            let proxy = proxy.clone();
+            async move {
+                let http1 = req.version() < hyper::Version::HTTP_2;
+                let mut resp = proxy.handle(req, peer, scheme).await;
+                if http1 && *proxy.closing.borrow() && resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+                    resp.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
+                }
+                Ok::<_, Infallible>(resp)
+            }
+        });
+        let io = TokioIo::new(io);
+        match scheme {
+            Scheme::Http => {
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(HEADER_TIMEOUT)
+                    .serve_connection(io, service)
+                    .with_upgrades();
+                tokio::pin!(conn);
+                tokio::select! {
+                    _ = conn.as_mut() => {}
+                    _ = &mut closing_now => {
+                        conn.as_mut().graceful_shutdown();
+                        let _ = tokio::time::timeout(SHUTDOWN_GRACE, conn).await;
+                    }
+                }
+            }
+            Scheme::Https => {
+                let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                builder.http1().timer(TokioTimer::new()).header_read_timeout(HEADER_TIMEOUT);
+                builder
+                    .http2()
+                    .timer(TokioTimer::new())
+                    .keep_alive_interval(Some(Duration::from_secs(30)))
+                    .keep_alive_timeout(Duration::from_secs(20));
+                let conn = builder.serve_connection_with_upgrades(io, service);
+                tokio::pin!(conn);
+                tokio::select! {
+                    _ = conn.as_mut() => {}
+                    _ = &mut closing_now => {
+                        conn.as_mut().graceful_shutdown();
+                        let _ = tokio::time::timeout(SHUTDOWN_GRACE, conn).await;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn handle(&self, mut req: Request<Incoming>, peer: SocketAddr, scheme: Scheme) -> Response<ProxyBody> {
+        if req.headers().get_all(HOST).iter().nth(1).is_some() {
+            return page(StatusCode::BAD_REQUEST, "bad request", "The request has more than one Host header.");
+        }
         let host = match request_host(&req) {
             Some(h) => h,
             None => return page(StatusCode::BAD_REQUEST, "bad request", "The request has no Host header."),
         };
-        let backend = match self.routes.load().hosts.get(&host) {
-            Some(b) => b.clone(),
+        // tls track: ACME HTTP-01 answers and the redirect to HTTPS.
+        if let (Some(certs), Scheme::Http) = (self.certs.get(), scheme) {
+            if let Some(answer) = intercept(certs, &host, &req) {
+                return answer;
+            }
+        }
+        let Route { backend, statics } = match self.routes.load().hosts.get(&host) {
+            Some(r) => r.clone(),
             None => {
                 return page(
                     StatusCode::NOT_FOUND,
@@ -217,52 +395,94 @@ impl Proxy {
                 &format!("The app at {} has no running web process.", html_escape(&host)),
             );
         }
+        // `[static]`: answered here, from the live release's tree.
+        if let Some(resp) = statics.serve(&req).await {
+            return resp;
+        }
+
+        // An HTTP/1.1 upgrade (WebSocket): keep the two headers the hop
+        // rules would strip, and take the client's side of the upgrade.
+        let upgrade = requested_upgrade(&req);
+        let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
 
         let (mut parts, body) = req.into_parts();
         strip_hop_headers(&mut parts.headers);
-        let path = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/").to_string();
-        let forwarded_for = match parts.headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-            Some(prev) => format!("{prev}, {}", peer.ip()),
-            None => peer.ip().to_string(),
-        };
-        let original_host = parts.headers.get(HOST).cloned();
-        set_header(&mut parts.headers, "x-forwarded-for", &forwarded_for);
-        set_header(&mut parts.headers, "x-forwarded-proto", "http");
-        if let Some(h) = original_host {
-            parts.headers.insert(HeaderName::from_static("x-forwarded-host"), h);
+        if !parts.headers.contains_key(HOST) {
+            // HTTP/2 carries the host in :authority; the app expects Host.
+            if let Some(v) = parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()) {
+                parts.headers.insert(HOST, v);
+            }
         }
+        let trusted = forwarded::is_trusted(&self.trusted.load(), peer.ip());
+        forwarded::rewrite(&mut parts.headers, peer, scheme, trusted);
+        if let Some(u) = &upgrade {
+            parts.headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+            parts.headers.insert(UPGRADE, u.clone());
+        }
+        parts.version = Version::HTTP_11;
+        let path = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/").to_string();
 
-        // A bodiless request can be retried on another upstream when the
-        // first refuses the connection: nothing reached the app, so the
-        // retry is safe. One with a body cannot be replayed.
+        // Which failures a retry may follow. A request whose connection
+        // could not be made reached no app: any may go to the next
+        // upstream, if its body was not consumed. A request that failed on
+        // a pooled connection (the app closed it while idle: a keep-alive
+        // race) may be sent again on a fresh connection when it is
+        // idempotent and bodiless (RFC 9110 9.2.2): the app may have seen
+        // it, and seeing it twice changes nothing.
         let replayable = body.is_end_stream();
-        let mut body: Option<ProxyBody> = Some(body.boxed());
+        let idempotent = replayable && is_idempotent(&parts.method);
+        let mut body: Option<ProxyBody> = Some(body::MinRate::new(body).boxed());
         let n = backend.upstreams.len();
         let start = backend.next.fetch_add(1, Ordering::Relaxed);
-        for attempt in 0..n {
+        let mut attempt = 0;
+        let mut on_fresh = false;
+        loop {
             let upstream = backend.upstreams[(start + attempt) % n].clone();
             let upstream_addr = upstream.addr();
-            let uri: Uri = match format!("http://{upstream_addr}{path}").parse() {
+            let uri = match connector::upstream_uri(upstream_addr, upstream.owner, &path) {
                 Ok(u) => u,
                 Err(_) => return page(StatusCode::BAD_REQUEST, "bad request", "Unparseable request path."),
             };
             let mut req = Request::from_parts(parts.clone(), body.take().unwrap_or_else(empty_body));
             *req.uri_mut() = uri;
             let guard = InFlight::new(upstream.clone());
-            match self.client.request(req).await {
-                Ok(resp) => {
+            let sent_at = Instant::now();
+            let sent = if on_fresh { self.fresh.request(req).await } else { self.client.request(req).await };
+            match sent {
+                Ok(mut resp) => {
+                    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+                        if let Some(client_side) = client_upgrade {
+                            let upstream_side = hyper::upgrade::on(&mut resp);
+                            tokio::spawn(bridge(client_side, upstream_side, guard));
+                            let (rparts, _) = resp.into_parts();
+                            return Response::from_parts(rparts, empty_body());
+                        }
+                    }
                     let (mut rparts, rbody) = resp.into_parts();
                     strip_hop_headers(&mut rparts.headers);
                     // The guard lives as long as the response body streams,
                     // so a draining upstream is not stopped mid-response.
-                    let rbody = Tracked { inner: rbody, _guard: guard }.boxed();
+                    // history track (issue 13 #5): its router line is queued when the body ends.
+                    let tracked = body::Tracked { inner: rbody, guard };
+                    let rbody = access::Logged::new(tracked, parts.method, path, host, rparts.status.as_u16(), upstream_addr, sent_at).boxed();
                     return Response::from_parts(rparts, rbody);
                 }
                 Err(e) if e.is_connect() && replayable && attempt + 1 < n => {
                     tracing::debug!(upstream = %upstream_addr, error = %e, "upstream refused; trying next");
-                    continue;
+                    attempt += 1;
+                }
+                Err(e) if !e.is_connect() && idempotent && !on_fresh => {
+                    tracing::debug!(upstream = %upstream_addr, error = %e, "pooled upstream connection failed; retrying on a fresh one");
+                    on_fresh = true;
                 }
                 Err(e) => {
+                    if is_too_slow(&e) {
+                        return page(
+                            StatusCode::REQUEST_TIMEOUT,
+                            "request timeout",
+                            "The request body arrived too slowly.",
+                        );
+                    }
                     // A refused connection is what a restarting app looks
                     // like; one line per request would flood the log.
                     if e.is_connect() {
@@ -278,7 +498,64 @@ impl Proxy {
                 }
             }
         }
-        page(StatusCode::BAD_GATEWAY, "bad gateway", "No upstream accepted the request.")
+    }
+}
+
+/// Bridge an upgraded connection both ways until either side closes or
+/// the upstream is drained out.
+async fn bridge(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade, guard: InFlight) {
+    let (client, upstream) = match tokio::try_join!(client, upstream) {
+        Ok(both) => both,
+        Err(e) => {
+            tracing::debug!(error = %e, "upgrade failed");
+            return;
+        }
+    };
+    let (mut client, mut upstream) = (TokioIo::new(client), TokioIo::new(upstream));
+    let closing = guard.0.closing.clone();
+    tokio::select! {
+        _ = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {}
+        _ = closing.cancelled() => {
+            // Drain timed out: close both ends (a TCP FIN each way, which a
+            // WebSocket client sees as the connection closing).
+            use tokio::io::AsyncWriteExt;
+            let _ = client.shutdown().await;
+            let _ = upstream.shutdown().await;
+        }
+    }
+    drop(guard);
+}
+
+fn is_idempotent(m: &Method) -> bool {
+    matches!(*m, Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE)
+}
+
+fn is_too_slow(e: &hyper_util::client::legacy::Error) -> bool {
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if s.is::<body::TooSlow>() {
+            return true;
+        }
+        source = s.source();
+    }
+    false
+}
+
+/// The protocol an HTTP/1.1 request asks to upgrade to, if it does.
+fn requested_upgrade<B>(req: &Request<B>) -> Option<HeaderValue> {
+    if req.version() != Version::HTTP_11 {
+        return None;
+    }
+    let asks = req
+        .headers()
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade")));
+    if asks {
+        req.headers().get(UPGRADE).cloned()
+    } else {
+        None
     }
 }
 
@@ -366,7 +643,27 @@ pub async fn health_check(addr: SocketAddr, host: &str, path: &str, forwarded_pr
     Ok(Health::Unhealthy(format!("more than {MAX_HEALTH_REDIRECTS} redirects from the health check path")))
 }
 
-fn request_host(req: &Request<Incoming>) -> Option<String> {
+/// tls track: what plain HTTP does instead of proxying (see `Certs::intercept`).
+fn intercept<B>(certs: &crate::certs::Certs, host: &str, req: &Request<B>) -> Option<Response<ProxyBody>> {
+    let path = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    Some(match certs.intercept(host, path)? {
+        crate::certs::Intercept::Challenge(key_auth) => {
+            let mut resp = Response::new(Full::new(Bytes::from(key_auth)).map_err(|never| match never {}).boxed());
+            resp.headers_mut().insert(hyper::header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+            resp
+        }
+        crate::certs::Intercept::NotFound => page(StatusCode::NOT_FOUND, "not found", "No such ACME challenge."),
+        crate::certs::Intercept::Redirect(to) => {
+            let mut resp = page(StatusCode::PERMANENT_REDIRECT, "moved", "This app is served over HTTPS.");
+            if let Ok(v) = HeaderValue::from_str(&to) {
+                resp.headers_mut().insert(hyper::header::LOCATION, v);
+            }
+            resp
+        }
+    })
+}
+
+fn request_host<B>(req: &Request<B>) -> Option<String> {
     let raw = req
         .headers()
         .get(HOST)
@@ -400,22 +697,21 @@ const HOP_HEADERS: [&str; 8] = [
 
 fn strip_hop_headers(headers: &mut hyper::HeaderMap) {
     // Headers named in Connection are hop-by-hop too (RFC 9110 7.6.1).
-    let named: Vec<String> = headers
-        .get_all("connection")
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(',').map(|s| s.trim().to_ascii_lowercase()))
-        .collect();
-    for h in HOP_HEADERS.iter().map(|s| s.to_string()).chain(named) {
-        headers.remove(h.as_str());
+    if headers.contains_key(CONNECTION) {
+        let named: Vec<String> = headers
+            .get_all(CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(',').map(|s| s.trim().to_ascii_lowercase()))
+            .collect();
+        for h in named {
+            headers.remove(h.as_str());
+        }
+    }
+    for h in HOP_HEADERS {
+        headers.remove(h);
     }
     headers.remove("transfer-encoding");
-}
-
-fn set_header(headers: &mut hyper::HeaderMap, name: &'static str, value: &str) {
-    if let Ok(v) = HeaderValue::from_str(value) {
-        headers.insert(HeaderName::from_static(name), v);
-    }
 }
 
 fn empty_body() -> ProxyBody {
@@ -438,39 +734,24 @@ fn html_escape(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
 }
 
-/// Counts a request against its upstream until the response body is done.
-struct InFlight(Arc<Upstream>);
+/// Counts a request against its upstream until the response body is done
+/// (or the upgraded connection closed).
+pub(crate) struct InFlight(Arc<Upstream>, AtomicU64);
 
 impl InFlight {
     fn new(u: Arc<Upstream>) -> InFlight {
         u.in_flight.fetch_add(1, Ordering::AcqRel);
-        InFlight(u)
+        InFlight(u, AtomicU64::new(0))
+    }
+    /// Bytes of the response streamed so far.
+    pub(crate) fn add_bytes(&self, n: u64) {
+        self.1.fetch_add(n, Ordering::Relaxed);
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
-struct Tracked {
-    inner: Incoming,
-    _guard: InFlight,
-}
-
-impl Body for Tracked {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
-    }
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
     }
 }
 

@@ -30,7 +30,7 @@ use crate::progress::Progress;
 use crate::proxy::{self, Upstream};
 use crate::runtime::{self, ProcessCommand, StepError};
 use crate::platform::Platform;
-use crate::store::{Release, ReleaseStatus};
+use crate::store::{Release, ReleaseStatus, Switch, SwitchKind};
 use crate::supervisor::{Instance, InstanceSpec, State};
 
 const STEP_TIMEOUT: Duration = Duration::from_secs(30 * 60);
@@ -81,9 +81,9 @@ pub async fn receive_push(
     let previous = live_release(p, app).await.ok().flatten().map(|r| r.version);
     let result = receive_locked(p, app, actor, refs, q, progress).await;
     if let Err(e) = &result {
-        // Pipeline failures said so already; this covers refusals before it.
+        // A refusal before the pipeline: its cause is the push's `!` line
+        // (said once, by the hook); the pipeline's failures said this already.
         if e.downcast_ref::<DeployFailed>().is_none() {
-            progress.step(&format!("push refused: {e:#}"));
             progress.info("nothing changed: the previous release keeps serving");
         }
     }
@@ -110,7 +110,9 @@ pub async fn settle_push(p: &Platform, app: &AppName, push: PushOutcome) {
     let Some((commit, git_ref)) = push.deployed else { return };
     let repo = p.layout.repo(app);
     if git::ref_value(&repo, &git_ref).await.as_deref() == Some(commit.as_str()) {
+        crash_point("before-tag");
         tag(p, app, &commit, &Progress::default()).await;
+        end_switch(p, app).await;
         return;
     }
     let log = p.logs.app(app);
@@ -123,6 +125,7 @@ pub async fn settle_push(p: &Platform, app: &AppName, push: PushOutcome) {
             Ok(())
         }
     };
+    end_switch(p, app).await;
     p.event(Some(app), &Actor("slipway".into()), "revert-abandoned-push", &git_ref, outcome(&result)).await;
 }
 
@@ -138,6 +141,7 @@ async fn receive_locked(
     let zero = |s: &str| s.bytes().all(|c| c == b'0');
     for r in &refs {
         names::check_ref(&r.name)?;
+        refuse_deploy_tag(&r.name)?;
         if !is_object_id(&r.new) || !is_object_id(&r.old) {
             bail!("malformed ref update for {}", r.name);
         }
@@ -179,6 +183,85 @@ async fn receive_locked(
     Ok(Some((t.new, t.name)))
 }
 
+/// Free space a deploy needs before it starts, unless
+/// `SLIPWAY_MIN_FREE_SPACE` (in the daemon's environment: `2G`, `500M`,
+/// bytes; `0` turns the check off) says otherwise. A full disk mid-deploy
+/// fails that step and undoes it, but a deploy that cannot fit should not
+/// start.
+const DEFAULT_MIN_FREE: u64 = 256 << 20;
+
+fn min_free_space() -> Result<u64> {
+    let Ok(raw) = std::env::var("SLIPWAY_MIN_FREE_SPACE") else { return Ok(DEFAULT_MIN_FREE) };
+    let raw = raw.trim();
+    let (num, unit) = raw.split_at(raw.find(|c: char| !c.is_ascii_digit()).unwrap_or(raw.len()));
+    let shift = match unit.to_ascii_uppercase().trim_end_matches("IB").trim_end_matches('B') {
+        "" => 0,
+        "K" => 10,
+        "M" => 20,
+        "G" => 30,
+        "T" => 40,
+        _ => bail!("SLIPWAY_MIN_FREE_SPACE={raw:?}: use bytes or a size like 500M, 2G"),
+    };
+    let n: u64 = num.parse().with_context(|| format!("SLIPWAY_MIN_FREE_SPACE={raw:?}: use bytes or a size like 500M, 2G"))?;
+    n.checked_mul(1 << shift).with_context(|| format!("SLIPWAY_MIN_FREE_SPACE={raw:?} is too large"))
+}
+
+/// Refuse to start a deploy when the data directory's file system has less
+/// free space (for unprivileged users) than the threshold.
+fn check_free_space(dir: &Path) -> Result<()> {
+    let min = min_free_space()?;
+    if min == 0 {
+        return Ok(());
+    }
+    let free = free_space(dir).with_context(|| format!("checking free space on {}", dir.display()))?;
+    if free < min {
+        bail!(
+            "only {} free on the server's data disk, below the {} a deploy needs to start: free some space (old releases: --keep-releases) or set SLIPWAY_MIN_FREE_SPACE",
+            human_size(free),
+            human_size(min)
+        );
+    }
+    Ok(())
+}
+
+fn free_space(dir: &Path) -> std::io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
+    // SAFETY: statvfs fills the zeroed struct we own; `c` is a valid C string.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
+}
+
+fn human_size(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+/// `LIVE` and `DEPLOYED-*` record what slipway deployed: only slipway
+/// writes them. A push may not move, create or delete them.
+fn refuse_deploy_tag(name: &str) -> Result<()> {
+    let tag = name.strip_prefix("refs/tags/").unwrap_or("");
+    // A staging app's are `APP/LIVE`, `APP/DEPLOYED-…`.
+    let last = tag.split_once('/').filter(|(_, rest)| rest == &"LIVE" || rest.starts_with("DEPLOYED-")).map_or(tag, |(_, rest)| rest);
+    if last == "LIVE" || last.starts_with("DEPLOYED-") {
+        bail!("{tag} is written by slipway only (it records what was deployed): it cannot be pushed or deleted; `git fetch --tags --force` brings your clone in line");
+    }
+    Ok(())
+}
+
 /// Build and release `commit` as a new version of `app`.
 pub async fn deploy(
     p: &Platform,
@@ -207,6 +290,7 @@ async fn deploy_locked(
     progress: &Progress,
 ) -> Result<u32> {
     let started = Instant::now();
+    check_free_space(p.layout.root())?;
     ensure_app_dirs(p, app).await?;
     let repo = p.layout.repo(app);
     let description = git::subject(&repo, q, commit).await;
@@ -223,6 +307,7 @@ async fn deploy_locked(
             move |s| s.begin_release(&r)
         })
         .await?;
+    let progress = &record_output(p, app, version, progress);
     let span = tracing::info_span!("deploy", app = %app, release = version);
     let dir = p.layout.release(app, version);
     let result = async {
@@ -233,13 +318,18 @@ async fn deploy_locked(
         }
         git::archive(&repo, q, commit, &dir).await?;
         let manifest = Manifest::load(&dir)?;
+        crate::storage::mount(&p.layout, app, &dir, &manifest.storage, p.user_of(app)).await?;
         for spec in &manifest.processes {
             if let Reload::Touch(path) = &spec.reload {
                 reload_file(&dir, path).with_context(|| format!("processes.{}.reload", spec.name))?;
             }
         }
-        let rt = p.builder.detect(&dir).await?;
+        // Containers (docker track): a Dockerfile or [docker] selects them; the image replaces the host environment.
+        let live_tree = live_release(p, app).await.ok().flatten().map(|r| p.layout.release(app, r.tree));
+        let in_container = runtime::container::prepare(&p.images, &p.layout, app, &dir, &manifest, live_tree.as_deref(), progress).await?;
+        let rt = if in_container { crate::build::Runtime::Generic } else { p.builder.detect(&dir).await? };
         match &rt {
+            _ if in_container => {}
             crate::build::Runtime::Python { deps, interpreter } => progress.step(&format!(
                 "python {} detected ({})",
                 interpreter.version,
@@ -254,7 +344,8 @@ async fn deploy_locked(
         }
         let t = Instant::now();
         let as_user = p.user_of(app).map(|u| (u, p.layout.cache().join(app.as_str())));
-        let prepared = p.builder.prepare(&dir, &rt, as_user, progress).await.context("dependency install failed")?;
+        // process track: SIGTERM cancels the long steps (issue 10 #13).
+        let prepared = p.unless_shutdown(p.builder.prepare(&dir, &rt, as_user, progress)).await.context("dependency install failed")?;
         let env = match prepared {
             Some((env, _lease)) => {
                 progress.info(&format!("environment ready in {:.1}s", t.elapsed().as_secs_f64()));
@@ -273,34 +364,114 @@ async fn deploy_locked(
             .await?
             .ok_or_else(|| anyhow!("release v{version} vanished"))?;
         let step_env = process_env(p, app, &release, env.as_ref(), None);
+        build_phase(p, app, &dir, &manifest, env.as_ref(), &release, &step_env, progress).await?;
         if let Some(cmd) = &manifest.test_command {
             progress.step(&format!("running tests: {cmd}"));
-            run_step(p, app, cmd, &dir, &step_env, progress).await.context("test gate failed")?;
+            p.unless_shutdown(run_step(p, app, cmd, &dir, &step_env, progress)).await.context("test gate failed")?;
         }
-        if let Some(cmd) = &manifest.release_command {
-            progress.step(&format!("release phase: {cmd}"));
-            run_step(p, app, cmd, &dir, &step_env, progress).await.context("release phase failed")?;
+        release_phase(p, app, &dir, &manifest, &step_env, progress).await?;
+        if p.shutting_down() {
+            bail!("the server is shutting down: deploy cancelled, nothing went live");
         }
-        activate(p, app, &release, &manifest, env.as_ref(), progress).await
+        let kind = if tag_now { SwitchKind::Tag } else { SwitchKind::Push };
+        begin_switch(p, app, version, commit, git_ref, kind).await?;
+        activate(p, app, &release, &manifest, env.as_ref(), progress).await?;
+        // The store names v{version}; for a push, git has not moved the ref.
+        crash_point("after-switch");
+        Ok(())
     }
     .instrument(span)
     .await;
     let v = finish(p, app, actor, version, true, started, "deploy", result, progress).await?;
     if tag_now {
         tag(p, app, commit, progress).await;
+        end_switch(p, app).await;
     }
     Ok(v)
+}
+
+/// The build phase (`[build] command`, or Django's collectstatic): run as
+/// the app's user in the new tree, which it may write until the tree is
+/// sealed after it. What it makes (collected static files) belongs to this
+/// release: a rollback brings back its own.
+#[allow(clippy::too_many_arguments)]
+async fn build_phase(
+    p: &Platform,
+    app: &AppName,
+    dir: &Path,
+    manifest: &Manifest,
+    env: Option<&Environment>,
+    release: &Release,
+    step_env: &[(String, String)],
+    progress: &Progress,
+) -> Result<()> {
+    let Some(cmd) = crate::build::build_phase_command(dir, env, manifest.build_command.as_deref(), &release.config) else {
+        return Ok(());
+    };
+    let user = p.user_of(app);
+    if cmd == crate::build::AUTO_COLLECTSTATIC {
+        progress.step("build phase: python manage.py collectstatic --noinput (Django detected; DISABLE_COLLECTSTATIC=1 turns it off)");
+    } else {
+        progress.step(&format!("build phase: {cmd}"));
+    }
+    if let Some(u) = user {
+        crate::build::open_tree(dir, u).await?;
+    }
+    let built = run_step(p, app, &cmd, dir, step_env, progress).await.context("build phase failed");
+    // Sealed whatever the outcome: a failed tree is removed by root, and
+    // a passed one must not stay writable by the app.
+    crate::build::seal_tree(dir, user).await?;
+    built?;
+    // The build could have replaced a storage link: put them back.
+    crate::storage::mount(&p.layout, app, dir, &manifest.storage, user).await
+}
+
+/// The release phase (`release` in the Procfile: migrations), run in the
+/// release's tree with its config, as its app's user, before any switch.
+async fn release_phase(p: &Platform, app: &AppName, dir: &Path, manifest: &Manifest, step_env: &[(String, String)], progress: &Progress) -> Result<()> {
+    if let Some(cmd) = &manifest.release_command {
+        progress.step(&format!("release phase: {cmd}"));
+        p.unless_shutdown(run_step(p, app, cmd, dir, step_env, progress)).await.context("release phase failed")?;
+    }
+    Ok(())
 }
 
 /// Tag a deploy in the app's repo (`LIVE`, `DEPLOYED-…`). A failure to tag
 /// is reported, never undoes the deploy.
 pub async fn tag(p: &Platform, app: &AppName, commit: &str, progress: &Progress) {
-    match git::tag_deploy(&p.layout.repo(app), commit, chrono::Utc::now()).await {
-        Ok(name) => progress.info(&format!("tagged LIVE and {name}")),
+    let prefix = tag_prefix(p, app).await;
+    match git::tag_deploy(&p.layout.repo(app), commit, chrono::Utc::now(), &prefix).await {
+        Ok(name) => progress.info(&format!("tagged {prefix}LIVE and {name}")),
         Err(e) => {
             tracing::warn!(app = %app, error = %format!("{e:#}"), "tagging the deploy failed");
             progress.info(&format!("could not tag the deploy: {e:#}"));
         }
+    }
+}
+
+/// Deploy tags are per app when apps share a clone (issue 9 #12): the live
+/// app has `LIVE` and `DEPLOYED-…`; an app that was promoted from (staging)
+/// has `APP/LIVE` and `APP/DEPLOYED-…`, so `git fetch --tags` from both
+/// never clobbers one with the other.
+async fn tag_prefix(p: &Platform, app: &AppName) -> String {
+    let a = app.clone();
+    match p.store.call(move |s| s.is_promotion_source(&a)).await {
+        Ok(true) => format!("{app}/"),
+        _ => String::new(),
+    }
+}
+
+/// `staging` was just promoted from: from now on its tags carry its name,
+/// and the plain ones it had move there.
+async fn become_promotion_source(p: &Platform, staging: &AppName, progress: &Progress) {
+    let a = staging.clone();
+    if !matches!(p.store.call(move |s| s.mark_promotion_source(&a)).await, Ok(true)) {
+        return;
+    }
+    match git::prefix_deploy_tags(&p.layout.repo(staging), &format!("{staging}/")).await {
+        Ok(n) if n > 0 => progress.info(&format!("{staging} is a staging app: its deploy tags are now {staging}/LIVE and {staging}/DEPLOYED-…")),
+        Ok(_) => {}
+        Err(e) => progress.info(&format!("could not rename {staging}'s deploy tags: {e:#}")),
     }
 }
 
@@ -313,6 +484,34 @@ pub async fn change_config(
     unset: Vec<String>,
     progress: &Progress,
 ) -> Result<Option<u32>> {
+    Ok(match change_config_with(p, app, actor, set, unset, true, progress).await? {
+        ConfigOutcome::Released(v) => Some(v),
+        ConfigOutcome::Unchanged | ConfigOutcome::Stored => None,
+    })
+}
+
+/// What a config change did.
+pub enum ConfigOutcome {
+    /// The values were already so: nothing stored, no release.
+    Unchanged,
+    /// Stored for the next deploy (`--no-restart`, or nothing runs yet).
+    Stored,
+    /// Released as this version, health-checked and live.
+    Released(u32),
+}
+
+/// [`change_config`]; `restart: false` (`config set --no-restart`) only
+/// stores the change: the next deploy or config change picks it up (a
+/// restart keeps the live release's own config).
+pub async fn change_config_with(
+    p: &Platform,
+    app: &AppName,
+    actor: &Actor,
+    set: BTreeMap<String, String>,
+    unset: Vec<String>,
+    restart: bool,
+    progress: &Progress,
+) -> Result<ConfigOutcome> {
     for k in set.keys().chain(unset.iter()) {
         names::check_config_key(k)?;
     }
@@ -327,21 +526,30 @@ pub async fn change_config(
             move |s| Ok((s.config(&app)?, s.live_release(&app)?))
         })
         .await?;
+    let before = config.clone();
     for k in &unset {
         config.remove(k);
     }
     config.extend(set.clone());
+    if config == before {
+        // Setting what is already set is no change: no release, no restart.
+        progress.step("config unchanged: no new release");
+        return Ok(ConfigOutcome::Unchanged);
+    }
     let mut what: Vec<String> = set.keys().map(|k| format!("set {k}")).collect();
     what.extend(unset.iter().map(|k| format!("unset {k}")));
     let what = what.join(", ");
-    let Some(live) = live else {
-        // Nothing runs yet: the next deploy picks the config up.
+    let Some(live) = live.filter(|_| restart) else {
+        // Nothing runs yet, or asked not to restart: the next deploy
+        // picks the config up.
         let app2 = app.clone();
         p.store.call(move |s| s.replace_config(&app2, &config)).await?;
-        p.event(Some(app), actor, "config", &what, "ok").await;
-        return Ok(None);
+        progress.step(&format!("config stored ({what}): the next deploy uses it"));
+        p.event(Some(app), actor, "config", &format!("{what} (for the next deploy)"), "ok").await;
+        return Ok(ConfigOutcome::Stored);
     };
     let version = new_release_from(p, app, actor, &live, config.clone(), &format!("config: {what}")).await?;
+    let progress = &record_output(p, app, version, progress);
     progress.step(&format!("config changed ({what}): releasing v{version}"));
     let started = Instant::now();
     let result = relaunch(p, app, version, progress).await;
@@ -349,7 +557,7 @@ pub async fn change_config(
         let app2 = app.clone();
         p.store.call(move |s| s.replace_config(&app2, &config)).await?;
     }
-    finish(p, app, actor, version, false, started, "config", result, progress).await.map(Some)
+    finish(p, app, actor, version, false, started, "config", result, progress).await.map(ConfigOutcome::Released)
 }
 
 /// Release an earlier version's code and config again, as a new version.
@@ -374,19 +582,28 @@ pub async fn rollback(p: &Platform, app: &AppName, actor: &Actor, to: Option<u32
     if target.version == live.version {
         bail!("v{} is already live", target.version);
     }
-    if !p.layout.release(app, target.tree).is_dir() {
-        bail!("the code of v{} was collected; releases kept on disk: see `slipway releases {app}`", target.version);
+    if target.collected || !p.layout.release(app, target.tree).is_dir() {
+        bail!(
+            "the code of v{} was collected (the server keeps the newest releases on disk, --keep-releases); rebuild it from its commit: slipway deploy {app} --ref {}",
+            target.version,
+            target.commit
+        );
     }
     let version = new_release_from(p, app, actor, target, target.config.clone(), &format!("rollback to v{}", target.version)).await?;
+    let progress = &record_output(p, app, version, progress);
     progress.step(&format!("rolling back to v{} as v{version}", target.version));
     let started = Instant::now();
-    let result = relaunch(p, app, version, progress).await;
+    let result = match begin_switch(p, app, version, &target.commit, &target.git_ref, SwitchKind::Tag).await {
+        Ok(()) => relaunch(p, app, version, progress).await,
+        Err(e) => Err(e),
+    };
     if result.is_ok() {
         let (app2, config) = (app.clone(), target.config.clone());
         p.store.call(move |s| s.replace_config(&app2, &config)).await?;
     }
     let v = finish(p, app, actor, version, false, started, "rollback", result, progress).await?;
     tag(p, app, &target.commit, progress).await;
+    end_switch(p, app).await;
     Ok(v)
 }
 
@@ -412,6 +629,7 @@ pub async fn promote(p: &Platform, staging: &AppName, live: &AppName, actor: &Ac
             let (url, host) = target_url(p, staging).await;
             progress.step(&format!("promote check against {url}: {check}"));
             let mut vars = process_env(p, staging, &from, env.as_ref(), None);
+            vars.push(("TARGET_PUBLIC_URL".into(), p.app_url(staging)));
             vars.push(("TARGET_URL".into(), url));
             vars.push(("TARGET_HOST".into(), host));
             run_step(p, staging, check, &from_tree, &vars, progress).await.context("promote check failed: nothing was promoted")?;
@@ -419,6 +637,7 @@ pub async fn promote(p: &Platform, staging: &AppName, live: &AppName, actor: &Ac
         None => progress.info("no [promote] check in slipway.toml: promoting without one"),
     }
 
+    check_free_space(p.layout.root())?;
     ensure_app_dirs(p, live).await?;
     let live_now = live_release(p, live).await?;
     let branch = live_now
@@ -439,35 +658,68 @@ pub async fn promote(p: &Platform, staging: &AppName, live: &AppName, actor: &Ac
             move |s| s.begin_release(&r)
         })
         .await?;
+    let progress = &record_output(p, live, version, progress);
     progress.step(&format!("promoting {staging} v{} ({}) to {live} as v{version}", from.version, &from.commit[..from.commit.len().min(8)]));
     let result = async {
-        link_tree(&from_tree, &p.layout.release(live, version)).await?;
+        let tree = p.layout.release(live, version);
+        link_tree(&from_tree, &tree).await?;
+        // The copied tree's storage links name staging's storage.
+        crate::storage::mount(&p.layout, live, &tree, &manifest.storage, p.user_of(live)).await?;
         // The live repo gets the commits first (under a scratch ref), so a
         // failure below leaves its branch untouched.
         git::fetch_commit(&p.layout.repo(staging), &p.layout.repo(live), &from.commit).await?;
+        promote_release_phase(p, live, version, &tree, &manifest, env.as_ref(), progress).await?;
+        begin_switch(p, live, version, &from.commit, &branch, SwitchKind::MoveRef).await?;
         relaunch(p, live, version, progress).await
     }
     .await;
     let v = finish(p, live, actor, version, true, started, "promote", result, progress).await?;
+    become_promotion_source(p, staging, progress).await;
     if let Err(e) = git::set_ref(&p.layout.repo(live), &branch, &from.commit).await {
         progress.info(&format!("could not move {branch}: {e:#}"));
     }
     tag(p, live, &from.commit, progress).await;
+    end_switch(p, live).await;
     Ok(v)
 }
 
-/// Where a promote check reaches the staging app: its public URL when the
-/// name resolves from here; otherwise its web process on loopback (the
-/// default `localhost` domain does not resolve for most programs).
+/// The target's own release phase gates a promotion as it gates a push:
+/// the target's config (its database), the target's user, before its switch.
+async fn promote_release_phase(
+    p: &Platform,
+    live: &AppName,
+    version: u32,
+    tree: &Path,
+    manifest: &Manifest,
+    env: Option<&Environment>,
+    progress: &Progress,
+) -> Result<()> {
+    if manifest.release_command.is_none() {
+        return Ok(());
+    }
+    let release = p
+        .store
+        .call({
+            let live = live.clone();
+            move |s| s.release(&live, version)
+        })
+        .await?
+        .ok_or_else(|| anyhow!("release v{version} vanished"))?;
+    let step_env = process_env(p, live, &release, env, None);
+    release_phase(p, live, tree, manifest, &step_env, progress).await
+}
+
+/// Where a promote check reaches the staging app, always through slipway's
+/// proxy (routing, static files and headers as a visitor gets them): its
+/// public URL when the name resolves from here; otherwise the proxy on
+/// loopback, to be sent `Host: TARGET_HOST` (the default `localhost`
+/// domain does not resolve for most programs).
 async fn target_url(p: &Platform, app: &AppName) -> (String, String) {
     let host = p.app_host(app);
     if tokio::net::lookup_host((host.as_str(), p.http_port)).await.is_ok() {
         return (p.app_url(app), host);
     }
-    match p.proxy.upstreams(app.as_str()).first() {
-        Some(u) => (format!("http://{}/", u.addr()), host),
-        None => (p.app_url(app), host),
-    }
+    (format!("http://127.0.0.1:{}/", p.http_port), host)
 }
 
 /// A copy of an immutable release tree that shares its files (hard links):
@@ -540,6 +792,8 @@ pub async fn stop(p: &Platform, app: &AppName, actor: &Actor) -> Result<()> {
     p.store.call(move |s| s.set_stopped(&a, true)).await?;
     p.proxy.set_upstreams(app.as_str(), Vec::new());
     stop_all(p.supervisor.take_all(app.as_str())).await;
+    // process track: and whatever escaped its process group (setsid).
+    p.kill_app_processes(app).await;
     p.event(Some(app), actor, "stop", "", "ok").await;
     Ok(())
 }
@@ -599,8 +853,159 @@ pub async fn scale(p: &Platform, app: &AppName, actor: &Actor, counts: BTreeMap<
     Ok(())
 }
 
+/// Releases a stopped daemon left `pending` never went live: record them
+/// as failed (interrupted) and remove the trees they made. Runs at start,
+/// before any operation can begin.
+async fn settle_interrupted(p: &Platform) {
+    let pending = match p.store.call(|s| s.pending_releases()).await {
+        Ok(v) => v,
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "cannot list pending releases");
+            return;
+        }
+    };
+    for r in pending {
+        let Ok(app) = AppName::parse(&r.app) else { continue };
+        let (a, v) = (app.clone(), r.version);
+        if let Err(e) = p.store.call(move |s| s.mark_failed(&a, v, "interrupted: the daemon stopped during it")).await {
+            tracing::warn!(app = %app, release = v, error = %format!("{e:#}"), "recording an interrupted release");
+            continue;
+        }
+        // Its own tree only (a config change or rollback shares another's).
+        if r.tree == r.version {
+            let _ = tokio::fs::remove_dir_all(p.layout.release(&app, r.tree)).await;
+        }
+        p.logs.app(&app).write("slipway", &format!("v{v} was interrupted when the daemon stopped: recorded as failed, nothing of it kept"));
+    }
+}
+
+// ---- integrity track (issue 10 #12): one record says what is live ----
+//
+// A switch writes, in this order: the journal entry (`begin_switch`), the
+// `current` link, the proxy's route, the store's live release (one
+// transaction: the source of truth for the daemon), then, for a push, git
+// moves the ref after the hook, then the tags, then the entry is removed
+// (`end_switch`). At start, an entry still there is settled from the store
+// and the repo: the store's live release stands (rolled forward: refs and
+// tags follow it) unless it came from a push whose ref git never moved
+// (the pusher was told it failed; its objects are gone): then the previous
+// release is live again (rolled back). `current` and the proxy follow from
+// the restore that comes next.
+
+/// Record the switch to `version` before it happens.
+async fn begin_switch(p: &Platform, app: &AppName, version: u32, commit: &str, git_ref: &str, kind: SwitchKind) -> Result<()> {
+    let previous = live_release(p, app).await?.map(|r| r.version);
+    let sw = Switch { app: app.to_string(), version, previous, commit: commit.to_string(), git_ref: git_ref.to_string(), kind };
+    p.store.call(move |s| s.begin_switch(&sw)).await.context("recording the switch")
+}
+
+/// The repo agrees with the store again: forget the switch. A failure to
+/// forget only means the next start checks it again.
+async fn end_switch(p: &Platform, app: &AppName) {
+    let a = app.clone();
+    if let Err(e) = p.store.call(move |s| s.end_switch(&a)).await {
+        tracing::warn!(app = %app, error = %format!("{e:#}"), "forgetting a settled switch");
+    }
+}
+
+/// Test hook, for the crash tests only: `SLIPWAY_TEST_CRASH_AT=POINT` in
+/// the daemon's environment aborts it at that point, as `kill -9` there
+/// would. Points: `after-switch` (the store names the new release, git has
+/// not moved the ref), `before-tag` (git moved it, no tags yet).
+fn crash_point(point: &str) {
+    if std::env::var("SLIPWAY_TEST_CRASH_AT").is_ok_and(|v| v == point) {
+        tracing::error!(point, "SLIPWAY_TEST_CRASH_AT: aborting here (test hook)");
+        std::process::abort();
+    }
+}
+
+/// Settle every switch a stopped daemon left unsettled. Runs at start,
+/// before pending releases are settled and apps restored.
+async fn reconcile(p: &Platform) {
+    let switches = match p.store.call(|s| s.unsettled_switches()).await {
+        Ok(v) => v,
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "cannot list unsettled switches");
+            return;
+        }
+    };
+    for sw in switches {
+        let Ok(app) = AppName::parse(&sw.app) else { continue };
+        match reconcile_app(p, &app, &sw).await {
+            Ok(detail) => {
+                tracing::warn!(app = %app, "{detail}");
+                p.logs.app(&app).write("slipway", &detail);
+                p.event(Some(&app), &Actor("slipway".into()), "reconcile", &detail, "ok").await;
+            }
+            Err(e) => {
+                let detail = format!("v{}: {e:#}", sw.version);
+                tracing::error!(app = %app, "reconciling after a crash failed: {detail}");
+                p.event(Some(&app), &Actor("slipway".into()), "reconcile", &detail, "failed").await;
+            }
+        }
+    }
+}
+
+async fn reconcile_app(p: &Platform, app: &AppName, sw: &Switch) -> Result<String> {
+    let (a, v) = (app.clone(), sw.version);
+    let release = p.store.call(move |s| s.release(&a, v)).await?;
+    let went_live = release.as_ref().is_some_and(|r| r.status == ReleaseStatus::Live);
+    let repo = p.layout.repo(app);
+    let short = &sw.commit[..sw.commit.len().min(8)];
+    if !went_live {
+        // Stopped before the store switched: store and repo still agree on
+        // the release before; `current` is put back by the restore.
+        end_switch(p, app).await;
+        let live = live_release(p, app).await?;
+        if live.is_none() {
+            remove_current(p, app).await?;
+        }
+        return Ok(match live {
+            Some(l) => format!("rolled back to v{}: v{v} was interrupted before it went live", l.version),
+            None => format!("rolled back: v{v} was interrupted before it went live; nothing is live"),
+        });
+    }
+    let confirmed = match sw.kind {
+        SwitchKind::Push => git::ref_value(&repo, &sw.git_ref).await.as_deref() == Some(sw.commit.as_str()),
+        SwitchKind::MoveRef | SwitchKind::Tag => true,
+    };
+    if confirmed {
+        if sw.kind == SwitchKind::MoveRef {
+            git::set_ref(&repo, &sw.git_ref, &sw.commit).await?;
+        }
+        tag(p, app, &sw.commit, &Progress::default()).await;
+        end_switch(p, app).await;
+        return Ok(format!("rolled forward to v{v}: {} and LIVE name its commit {short}", short_ref(&sw.git_ref)));
+    }
+    let (a, previous) = (app.clone(), sw.previous);
+    p.store
+        .call(move |s| s.roll_back_switch(&a, v, previous, "interrupted: the daemon stopped before git took the push"))
+        .await?;
+    if release.as_ref().is_some_and(|r| r.tree == r.version) {
+        let _ = tokio::fs::remove_dir_all(p.layout.release(app, v)).await;
+    }
+    let git_ref = short_ref(&sw.git_ref);
+    Ok(match previous {
+        Some(prev) => format!("rolled back to v{prev}: the push of v{v} ({short}) never updated {git_ref}"),
+        None => {
+            remove_current(p, app).await?;
+            format!("rolled back: the push of v{v} ({short}) never updated {git_ref}; nothing is live")
+        }
+    })
+}
+
+/// No release is live: `current` must not name one.
+async fn remove_current(p: &Platform, app: &AppName) -> Result<()> {
+    match tokio::fs::remove_file(p.layout.current(app)).await {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e).context("removing the current link"),
+        _ => Ok(()),
+    }
+}
+
 /// Bring every app's live release back up, at daemon start.
 pub async fn restore_all(p: &Platform) {
+    reconcile(p).await;
+    settle_interrupted(p).await;
     let live = match p.store.call(|s| s.live_releases()).await {
         Ok(l) => l,
         Err(e) => {
@@ -612,11 +1017,31 @@ pub async fn restore_all(p: &Platform) {
         let Ok(app) = AppName::parse(&r.app) else { return };
         p.register_routes(&app).await;
         let _guard = p.app_lock(&app).lock_owned().await;
+        // upgrade track: instances a previous daemon left running serve on.
+        let leftovers = p.supervisor.take_adoptable(app.as_str());
+        if !leftovers.is_empty() {
+            match adopt(p, &app, r.version, &leftovers).await {
+                Ok(true) => return,
+                Ok(false) => p.logs.app(&app).write("slipway", "the running processes do not match the live release's; starting them afresh"),
+                Err(e) => p.logs.app(&app).write("slipway", &format!("adopting the running processes failed ({e:#}); starting them afresh")),
+            }
+            for l in &leftovers {
+                runtime::signal_group(l.pid, libc::SIGKILL);
+            }
+        }
         let a = app.clone();
         if p.store.call(move |s| s.is_stopped(&a)).await.unwrap_or(false) {
             p.proxy.set_upstreams(app.as_str(), Vec::new());
             p.logs.app(&app).write("slipway", "stopped by request: not started (slipway start to run it)");
             return;
+        }
+        // backup track (issue 14 #6): a restored data dir (or a lost tree) has no release tree: rebuilt from its commit.
+        if !p.layout.release(&app, r.tree).is_dir() {
+            if let Err(e) = rebuild_tree(p, &app, &r, &Progress::default()).await {
+                tracing::error!(app = %app, release = r.version, error = %format!("{e:#}"), "rebuilding the live release failed");
+                p.logs.app(&app).write("slipway", &format!("rebuilding v{} from {} failed: {e:#}", r.version, r.commit));
+                return;
+            }
         }
         if let Err(e) = relaunch(p, &app, r.version, &Progress::default()).await {
             tracing::error!(app = %app, release = r.version, error = %format!("{e:#}"), "restoring app failed");
@@ -626,11 +1051,108 @@ pub async fn restore_all(p: &Platform) {
     futures_util::future::join_all(tasks).await;
 }
 
+/// backup track (issue 14 #6): make the tree of a live release again from
+/// its recorded commit, as its deploy did (archive, `[storage]` links, the
+/// environment, the build phase), without the test gate or the release
+/// phase: their effects live in the data, which was kept. A restored data
+/// dir's data came from other uids: it is handed to the app's user first.
+async fn rebuild_tree(p: &Platform, app: &AppName, release: &Release, progress: &Progress) -> Result<()> {
+    ensure_app_dirs(p, app).await?;
+    if let Some(user) = p.load_user(app).await? {
+        crate::storage::give_tree(&p.layout.app_data(app), Some(user))?;
+    }
+    let dir = p.layout.release(app, release.tree);
+    let result = async {
+        git::archive(&p.layout.repo(app), &Quarantine(Vec::new()), &release.commit, &dir).await?;
+        let manifest = Manifest::load(&dir)?;
+        crate::storage::mount(&p.layout, app, &dir, &manifest.storage, p.user_of(app)).await?;
+        let in_container = runtime::container::prepare(&p.images, &p.layout, app, &dir, &manifest, None, progress).await?;
+        let rt = if in_container { crate::build::Runtime::Generic } else { p.builder.detect(&dir).await? };
+        let as_user = p.user_of(app).map(|u| (u, p.layout.cache().join(app.as_str())));
+        let prepared = p.unless_shutdown(p.builder.prepare(&dir, &rt, as_user, progress)).await.context("dependency install failed")?;
+        let env = match prepared {
+            Some((env, _lease)) => {
+                let (a, key, version) = (app.clone(), env.key.clone(), release.version);
+                p.store.call(move |s| s.set_release_env(&a, version, &key)).await?;
+                Some(env)
+            }
+            None => None,
+        };
+        let (a, version) = (app.clone(), release.version);
+        let release = p.store.call(move |s| s.release(&a, version)).await?.ok_or_else(|| anyhow!("release v{version} vanished"))?;
+        let step_env = process_env(p, app, &release, env.as_ref(), None);
+        build_phase(p, app, &dir, &manifest, env.as_ref(), &release, &step_env, progress).await
+    }
+    .await;
+    if result.is_err() {
+        let _ = tokio::fs::remove_dir_all(&dir).await;
+    }
+    result
+}
+
+/// upgrade track: supervise the instances a previous daemon left running
+/// for live release `version` instead of starting new ones, and route to
+/// them. All or nothing: only when every instance the scale asks for is
+/// there (web ones with their port; replace-type ones of this release);
+/// otherwise false and the caller starts the release afresh.
+async fn adopt(p: &Platform, app: &AppName, version: u32, leftovers: &[crate::supervisor::Leftover]) -> Result<bool> {
+    let a = app.clone();
+    let Some(release) = p.store.call(move |s| s.release(&a, version)).await? else { return Ok(false) };
+    let a = app.clone();
+    if p.store.call(move |s| s.is_stopped(&a)).await? {
+        return Ok(false);
+    }
+    let manifest = Manifest::load(&p.layout.release(app, release.tree))?;
+    let env = release.env_key.as_ref().map(|k| Environment { key: k.clone(), dir: p.layout.env(k) });
+    let a = app.clone();
+    let scale = p.store.call(move |s| s.scale(&a)).await?;
+    let mut wanted = Vec::new();
+    for spec in &manifest.processes {
+        for index in 1..=scale.get(&spec.name).copied().unwrap_or(1) {
+            let found = leftovers.iter().find(|l| {
+                l.ptype == spec.name
+                    && l.index == index
+                    && (spec.name != "web" || l.port.is_some())
+                    && (spec.reload != Reload::Replace || l.release == Some(version))
+            });
+            let Some(l) = found else { return Ok(false) };
+            wanted.push((spec, l));
+        }
+    }
+    if wanted.len() != leftovers.len() {
+        return Ok(false);
+    }
+    let mut adopted = Vec::new();
+    for (spec, l) in wanted {
+        let from_current = spec.reload != Reload::Replace;
+        let inst = InstanceSpec {
+            app: app.to_string(),
+            release: version,
+            ptype: spec.name.clone(),
+            index: l.index,
+            command: instance_command(p, app, &release, spec, env.as_ref(), l.port, from_current),
+            port: l.port,
+            restart: spec.restart,
+            stop_signal: spec.stop_signal,
+            stop_timeout: spec.stop_timeout,
+        };
+        adopted.push(p.supervisor.adopt_running(inst, p.logs.app(app), l.pid, l.start));
+    }
+    p.proxy.set_upstreams(app.as_str(), adopted.iter().filter(|i| i.spec.ptype == "web").filter_map(upstream_of).collect());
+    p.supervisor.swap(app.as_str(), adopted);
+    Ok(true)
+}
+
 /// Stop everything of an app and remove its repo, releases, data and logs.
 pub async fn destroy(p: &Platform, app: &AppName, actor: &Actor) -> Result<()> {
     let _guard = p.app_lock(app).lock_owned().await;
     p.proxy.remove_app(app.as_str());
+    if let Some(certs) = p.certs.get() {
+        certs.remove_app(app.as_str());
+    }
     stop_all(p.supervisor.take_all(app.as_str())).await;
+    // process track: and whatever escaped its process group (setsid).
+    p.kill_app_processes(app).await;
     let app2 = app.clone();
     p.store.call(move |s| s.delete_app(&app2)).await?;
     for dir in [p.layout.repo(app), p.layout.app(app), p.layout.run().join(app.as_str()), p.layout.cache().join(app.as_str())] {
@@ -642,6 +1164,8 @@ pub async fn destroy(p: &Platform, app: &AppName, actor: &Actor) -> Result<()> {
     }
     p.logs.forget(app);
     collect_envs(p).await;
+    // Containers (docker track): the app's images go with it.
+    runtime::container::collect_images(&p.images, &p.layout, app).await;
     p.event(Some(app), actor, "destroy", "", "ok").await;
     Ok(())
 }
@@ -654,6 +1178,8 @@ pub fn one_off_command(p: &Platform, app: &AppName, release: &Release, cmd: &str
         cwd: p.layout.release(app, release.tree),
         env: process_env(p, app, release, env.as_ref(), None),
         user: p.user_of(app),
+        limits: Default::default(),
+        container: p.images.step_placement(&p.layout.release(app, release.tree), "run"),
     }
 }
 
@@ -673,6 +1199,8 @@ async fn relaunch(p: &Platform, app: &AppName, version: u32, progress: &Progress
     let dir = p.layout.release(app, release.tree);
     let manifest = Manifest::load(&dir)?;
     ensure_app_dirs(p, app).await?;
+    // Containers (docker track): the release's image, rebuilt if it was collected.
+    runtime::container::prepare(&p.images, &p.layout, app, &dir, &manifest, None, progress).await?;
     let env = release.env_key.as_ref().map(|k| Environment { key: k.clone(), dir: p.layout.env(k) });
     if let Some(env) = &env {
         if !env.dir.is_dir() {
@@ -699,6 +1227,9 @@ async fn activate(
     let running = p.supervisor.instances(app.as_str());
     let link = p.layout.current(app);
     let tree = p.layout.release(app, release.tree);
+    // static track: `[static]` is served from this release's own tree,
+    // switched with its upstreams; a bad mount fails before anything changes.
+    let statics = crate::proxy::Statics::resolve(&tree, &manifest.statics)?;
 
     // 1. Gate on health before anything changes. A `replace` web type
     //    starts its new processes beside the old ones; a type that reloads
@@ -725,7 +1256,10 @@ async fn activate(
     //    release directory and do not see it; in-place types are reloaded
     //    onto it below.
     let previous_target = tokio::fs::read_link(&link).await.ok();
-    switch_current(&link, &tree).await?;
+    if let Err(e) = switch_current(&link, &tree).await {
+        stop_all(new).await;
+        return Err(e);
+    }
     let mut started_from_current: Vec<Arc<Instance>> = Vec::new();
     for spec in manifest.processes.iter().filter(|s| s.reload != Reload::Replace) {
         let n = count(&spec.name);
@@ -745,6 +1279,7 @@ async fn activate(
             Ok(started) => started_from_current.extend(started),
             Err(e) => {
                 stop_all(std::mem::take(&mut started_from_current)).await;
+                stop_all(std::mem::take(&mut new)).await;
                 if let Some(prev) = &previous_target {
                     let _ = switch_current(&link, prev).await;
                 }
@@ -758,17 +1293,38 @@ async fn activate(
     let old_upstreams = p.proxy.upstreams(app.as_str());
     let web_in_place = reload_in_place.iter().any(|(insts, _)| insts.iter().any(|i| i.spec.ptype == "web"));
     p.register_routes(app).await;
-    if !web_in_place {
-        p.proxy.set_upstreams(app.as_str(), new.iter().filter(|i| i.spec.ptype == "web").filter_map(upstream_of).collect());
+    if web_in_place {
+        p.proxy.set_statics(app.as_str(), statics);
+    } else {
+        p.proxy.switch(app.as_str(), new.iter().filter(|i| i.spec.ptype == "web").filter_map(upstream_of).collect(), statics);
     }
     let (app2, v) = (app.clone(), release.version);
-    p.store
+    let marked = p
+        .store
         .call(move |s| {
             s.mark_live(&app2, v)?;
             // Whatever made a release go live (a deploy, a start) ends a stop.
             s.set_stopped(&app2, false)
         })
-        .await?;
+        .await;
+    if let Err(e) = marked {
+        // integrity track (issue 10 #4): the store did not switch (a full
+        // disk): neither does anything else. Old route, old `current`, and
+        // the new processes stopped, none left untracked.
+        if !web_in_place {
+            p.proxy.set_upstreams(app.as_str(), old_upstreams);
+        }
+        match &previous_target {
+            Some(prev) => {
+                let _ = switch_current(&link, prev).await;
+            }
+            None => {
+                let _ = tokio::fs::remove_file(&link).await;
+            }
+        }
+        stop_all(new).await;
+        return Err(e.context("recording the switch"));
+    }
     progress.step(&format!("switched traffic to v{}", release.version));
 
     // 4. Reload in place: the masters stay, their workers load `current`.
@@ -859,6 +1415,8 @@ fn reloadable_in_place(
             && inst.spec.command.command == wanted.command
             && inst.spec.command.cwd == wanted.cwd
             && strip(&inst.spec.command.env) == strip(&wanted.env)
+            // A new image needs new containers (docker track); labels name the release, so compare the image only.
+            && inst.spec.command.container.as_ref().map(|c| &c.image) == wanted.container.as_ref().map(|c| &c.image)
     })
 }
 
@@ -996,7 +1554,8 @@ fn instance_command(
     } else {
         p.layout.release(app, release.tree)
     };
-    ProcessCommand { command: spec.command.clone(), cwd, env: vars, user: p.user_of(app) }
+    let container = p.images.placement(&p.layout.release(app, release.tree), release.version, spec);
+    ProcessCommand { command: spec.command.clone(), cwd, env: vars, user: p.user_of(app), container, limits: spec.limits.clone() }
 }
 
 async fn wait_healthy(inst: &Instance, host: &str, path: &str, timeout: Duration) -> Result<()> {
@@ -1020,11 +1579,15 @@ async fn wait_healthy(inst: &Instance, host: &str, path: &str, timeout: Duration
             Err(e) => last = format!("{e:#}"),
         }
         if Instant::now() >= deadline {
+            let tail = inst.tail();
+            if last.contains("Connection refused") {
+                last = nothing_listens(port, &tail);
+            }
             return Err(anyhow!(
                 "{} did not pass its health check (GET {path}, Host {host}) within {}s: {last}; its last output:\n{}",
                 inst.name(),
                 timeout.as_secs(),
-                indent(&inst.tail())
+                indent(&tail)
             ));
         }
         // Most app servers bind within a few hundred ms; a short interval
@@ -1065,8 +1628,15 @@ fn process_env(p: &Platform, app: &AppName, release: &Release, env: Option<&Envi
 }
 
 async fn run_step(p: &Platform, app: &AppName, cmd: &str, dir: &Path, env: &[(String, String)], progress: &Progress) -> Result<()> {
-    let pc = ProcessCommand { command: cmd.to_string(), cwd: dir.to_path_buf(), env: env.to_vec(), user: p.user_of(app) };
+    let container = p.images.step_placement(dir, "step");
+    let pc = ProcessCommand { command: cmd.to_string(), cwd: dir.to_path_buf(), env: env.to_vec(), user: p.user_of(app), container, limits: Default::default() };
     runtime::run_to_end(&pc, progress, STEP_TIMEOUT).await
+}
+
+/// The same progress, also kept as release `version`'s deploy output
+/// (`slipway logs APP --deploy vN`).
+fn record_output(p: &Platform, app: &AppName, version: u32, progress: &Progress) -> Progress {
+    progress.recording(crate::deploy_output::Recorder::create(p.layout.deploy_output(app, version)))
 }
 
 async fn new_release_from(p: &Platform, app: &AppName, actor: &Actor, base: &Release, config: BTreeMap<String, String>, description: &str) -> Result<u32> {
@@ -1095,6 +1665,8 @@ async fn finish(
     let a = app.clone();
     let record = p.store.call(move |s| s.release(&a, version)).await.ok().flatten();
     let commit = record.as_ref().map(|r| r.commit.as_str());
+    let outcome = if result.is_ok() { "ok" } else { "failed" };
+    crate::tally::operation(app.as_str(), action, outcome, started.elapsed().as_secs_f64());
     match result {
         Ok(()) => {
             let secs = started.elapsed().as_secs_f64();
@@ -1114,40 +1686,125 @@ async fn finish(
             Ok(version)
         }
         Err(e) => {
-            let reason = describe_failure(&e);
-            progress.step(&format!("{action} failed: {reason}"));
+            // Said once (issue 15 #6): what the client has not seen yet
+            // (a crashed process's last output), then the cause in one
+            // line, which the client prints as the failure (`!` in a push).
+            let (cause, details) = explain_failure(&e);
+            // integrity track (issue 10 #4): a full disk is said as such.
+            let cause = if disk_full(&e) { format!("the server's data disk is full (free some space and push again): {cause}") } else { cause };
+            if !details.is_empty() {
+                progress.step(&format!("{action} failed; the last output:"));
+                for d in &details {
+                    progress.output(d.trim_start());
+                }
+            }
             progress.info("nothing changed: the previous release keeps serving");
+            progress.record_failure(&format!("{DeployFailed}: {cause}"));
+            let reason = cause.clone();
             log.write("slipway", &format!("{action} of v{version} failed: {}", reason.lines().next().unwrap_or("")));
             // A failure after the switch must not take the live release's
             // record or tree with it.
             let went_live = record.as_ref().is_some_and(|r| r.status == ReleaseStatus::Live);
             if !went_live {
-                let app2 = app.clone();
-                let _ = p.store.call(move |s| s.delete_release(&app2, version)).await;
+                // The tree first: on a full disk, the space it frees lets
+                // the database write that follows succeed. The record stays,
+                // `failed` with its reason (history is whole, numbers are
+                // never reused).
                 if own_tree {
                     let _ = tokio::fs::remove_dir_all(p.layout.release(app, version)).await;
                 }
+                let (app2, why) = (app.clone(), reason.lines().next().unwrap_or("").to_string());
+                if let Err(e) = p.store.call(move |s| s.mark_failed(&app2, version, &why)).await {
+                    tracing::warn!(app = %app, release = version, error = %format!("{e:#}"), "recording a failed release");
+                }
+                // Nothing of it went live: there is nothing to settle.
+                end_switch(p, app).await;
             }
             collect_envs(p).await;
             let first = reason.lines().next().unwrap_or("");
             p.event(Some(app), actor, action, &format!("v{version}: {first}"), "failed").await;
             p.notify(app, actor, action, version, commit, "failed", first).await;
-            Err(e.context(DeployFailed))
+            tracing::info!(app = %app, release = version, error = %format!("{e:#}"), "{action} failed");
+            Err(anyhow!("{cause}").context(DeployFailed))
         }
     }
 }
 
-fn describe_failure(e: &anyhow::Error) -> String {
-    // A failed step's own output was streamed as it ran; repeat its last
-    // lines under the reason so the rejection stands on its own.
-    let tail = e.chain().find_map(|c| c.downcast_ref::<StepError>()).map(|s| s.tail().to_vec()).unwrap_or_default();
-    let mut msg = format!("{e:#}");
-    if !tail.is_empty() {
-        let start = tail.len().saturating_sub(10);
-        msg.push_str("; last lines:\n");
-        msg.push_str(&indent(&tail[start..]));
+/// Did the operation fail because a file system was full (ENOSPC, EDQUOT,
+/// or SQLite's "database or disk is full"), here or in a step's output?
+fn disk_full(e: &anyhow::Error) -> bool {
+    let io = e.chain().filter_map(|c| c.downcast_ref::<std::io::Error>()).any(|io| matches!(io.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT)));
+    let sqlite = e.chain().filter_map(|c| c.downcast_ref::<rusqlite::Error>()).any(|s| s.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull));
+    let tail = e.chain().filter_map(|c| c.downcast_ref::<StepError>()).any(|s| s.tail().iter().any(|l| l.contains("No space left on device")));
+    io || sqlite || tail || format!("{e:#}").contains("No space left on device")
+}
+
+/// A failure as the client should read it: the cause in words, on one
+/// line, with what to do; and the lines it has not seen yet (a crashed
+/// process's last output), to show once before it. A failed step's output
+/// was streamed as it ran and is not repeated; its command line (for the
+/// dependency install, an internal one naming server paths) is not shown:
+/// the step's heading above says which step it was.
+fn explain_failure(e: &anyhow::Error) -> (String, Vec<String>) {
+    if let Some(step) = e.chain().find_map(|c| c.downcast_ref::<StepError>()) {
+        let contexts: Vec<String> = e
+            .chain()
+            .take_while(|c| c.downcast_ref::<StepError>().is_none())
+            .map(|c| c.to_string().lines().next().unwrap_or("").to_string())
+            .collect();
+        let what = match step {
+            StepError::Failed { status, .. } => format!("the step exited with {status}"),
+            StepError::TimedOut { timeout, .. } => format!("the step did not finish within {}s", timeout.as_secs()),
+        };
+        let mut cause = contexts.join(": ");
+        if !cause.is_empty() {
+            cause.push_str(": ");
+        }
+        cause.push_str(&what);
+        cause.push_str("; its output is above");
+        if let Some(hint) = contexts.first().and_then(|c| step_hint(c)) {
+            cause.push_str(&format!(" ({hint})"));
+        }
+        return (cause, Vec::new());
     }
-    msg
+    let text = format!("{e:#}");
+    let mut lines = text.lines();
+    let first = lines.next().unwrap_or("");
+    let cause = first.strip_suffix("; its last output:").unwrap_or(first).trim_end_matches(':').to_string();
+    (cause, lines.map(str::to_string).collect())
+}
+
+/// What to do when a step of this kind failed.
+fn step_hint(context: &str) -> Option<&'static str> {
+    Some(match context {
+        c if c.starts_with("dependency install failed") => "fix the dependency files, e.g. requirements.txt or pyproject.toml, and push again",
+        c if c.starts_with("test gate failed") => "the tests failed: fix them, or [test] command in slipway.toml, and push again",
+        c if c.starts_with("build phase failed") => "fix the build ([build] command in slipway.toml) and push again",
+        c if c.starts_with("release phase failed") => "fix the release command (Procfile `release:`) and push again",
+        c if c.starts_with("promote check failed") => "the check ([promote] check in slipway.toml) refused the staging app",
+        _ => return None,
+    })
+}
+
+/// A health check that never connected: nobody listens on `$PORT`. Says
+/// the port and, when the process printed another one it listens on,
+/// that one (the usual mistake: a hard-coded port).
+fn nothing_listens(port: u16, tail: &[String]) -> String {
+    let mut printed = None;
+    for line in tail {
+        for marker in ["127.0.0.1:", "0.0.0.0:", "localhost:", "[::]:", "port "] {
+            for (i, _) in line.match_indices(marker) {
+                let digits: String = line[i + marker.len()..].chars().take_while(char::is_ascii_digit).collect();
+                if let Ok(n) = digits.parse::<u16>() {
+                    if n != port && n != 0 {
+                        printed = Some(n);
+                    }
+                }
+            }
+        }
+    }
+    let printed = printed.map(|n| format!(" (it printed port {n})")).unwrap_or_default();
+    format!("nothing listens on $PORT={port}: bind to 127.0.0.1:$PORT{printed}")
 }
 
 /// Keep the newest releases (and the live one) on disk, remove the rest
@@ -1159,16 +1816,21 @@ async fn collect_releases(p: &Platform, app: &AppName) -> Result<()> {
         move |s| s.releases(&app)
     })
     .await?;
-    let kept: Vec<&Release> = releases.iter().filter(|r| r.status != ReleaseStatus::Failed).take(keep).collect();
+    let kept: Vec<&Release> = releases.iter().filter(|r| r.status != ReleaseStatus::Failed && !r.collected).take(keep).collect();
     let kept_trees: Vec<u32> = kept.iter().map(|r| r.tree).collect();
+    // The records stay (history is whole); their trees and images go.
     let drop_versions: Vec<u32> = releases
         .iter()
-        .filter(|r| !kept.iter().any(|k| k.version == r.version) && r.status != ReleaseStatus::Live)
+        .filter(|r| !kept.iter().any(|k| k.version == r.version))
+        .filter(|r| matches!(r.status, ReleaseStatus::Superseded) && !r.collected)
         .map(|r| r.version)
         .collect();
     if !drop_versions.is_empty() {
         let app2 = app.clone();
-        p.store.call(move |s| s.delete_releases(&app2, &drop_versions)).await?;
+        p.store.call(move |s| s.mark_collected(&app2, &drop_versions)).await?;
+    }
+    if let Some(newest) = releases.first().map(|r| r.version) {
+        crate::deploy_output::prune(&p.layout.deploy_outputs(app), newest);
     }
     if let Ok(mut entries) = tokio::fs::read_dir(p.layout.releases(app)).await {
         while let Ok(Some(e)) = entries.next_entry().await {
@@ -1182,6 +1844,8 @@ async fn collect_releases(p: &Platform, app: &AppName) -> Result<()> {
         }
     }
     collect_envs(p).await;
+    // Containers (docker track): images no kept release uses go with their releases.
+    runtime::container::collect_images(&p.images, &p.layout, app).await;
     Ok(())
 }
 
@@ -1235,7 +1899,9 @@ async fn stop_all(instances: Vec<Arc<Instance>>) {
 }
 
 fn upstream_of(inst: &Arc<Instance>) -> Option<Arc<Upstream>> {
-    inst.spec.port.map(|port| Upstream::new(SocketAddr::from(([127, 0, 0, 1], port))))
+    // proxy track (issue 10 #2): the proxy sends traffic only to a socket the app's own user holds.
+    let owner = inst.spec.command.listener_owner();
+    inst.spec.port.map(|port| Upstream::owned(SocketAddr::from(([127, 0, 0, 1], port)), owner))
 }
 
 /// Take the app's lock, saying so when another operation holds it.

@@ -16,7 +16,13 @@ use thiserror::Error;
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::{Child, Command};
 
+use crate::manifest::Limits;
 use crate::progress::Progress;
+
+pub mod container;
+// people track: interactive one-offs (`run -t`) need a terminal.
+pub mod pty;
+pub mod uids;
 
 /// A command line to run for an app, with exactly this environment.
 #[derive(Debug, Clone)]
@@ -28,7 +34,20 @@ pub struct ProcessCommand {
     /// The app's own unprivileged user when the daemon runs as root;
     /// `None`: the daemon's own user.
     pub user: Option<AppUser>,
+    /// Its `[processes.X]` limits; unset ones take [`DEFAULT_PROCESSES`]
+    /// and [`DEFAULT_OPEN_FILES`]. Applied only to app users.
+    pub limits: Limits,
+    /// `Some`: it runs in a container of this placement; `None`: on the
+    /// host. Only this module acts on the difference.
+    pub container: Option<std::sync::Arc<container::ContainerPlacement>>,
 }
+
+/// Processes and threads one app user may have at once, all its types,
+/// one-offs and release phases together (`RLIMIT_NPROC` counts per user):
+/// a fork bomb stops there, not at the host's pid_max.
+pub const DEFAULT_PROCESSES: u32 = 512;
+/// Open descriptors per process (`RLIMIT_NOFILE`).
+pub const DEFAULT_OPEN_FILES: u32 = 4096;
 
 /// An app's own user and group (numeric; no passwd entry is needed).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,6 +61,11 @@ pub const SYSTEM_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin
 
 impl ProcessCommand {
     fn to_command(&self) -> Command {
+        if let Some(placement) = &self.container {
+            let mut cmd = container::shim_command(self, placement);
+            cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).process_group(0).kill_on_drop(false);
+            return cmd;
+        }
         // bash, as Heroku uses, execs a simple command in place: the app
         // server is then our direct child and the target of its signals.
         let shell = if Path::new("/bin/bash").exists() { "/bin/bash" } else { "/bin/sh" };
@@ -62,8 +86,40 @@ impl ProcessCommand {
             // std drops the supplementary groups too when it switches user
             // as root, so nothing of root's access is inherited.
             cmd.uid(u.uid).gid(u.gid);
+            let nproc = u64::from(self.limits.processes.unwrap_or(DEFAULT_PROCESSES));
+            let nofile = u64::from(self.limits.open_files.unwrap_or(DEFAULT_OPEN_FILES));
+            // SAFETY: runs in the forked child (after std's setuid) before
+            // exec; setrlimit is async-signal-safe and only lowers limits.
+            unsafe {
+                cmd.pre_exec(move || {
+                    for (resource, value) in [(libc::RLIMIT_NPROC, nproc), (libc::RLIMIT_NOFILE, nofile)] {
+                        // Never above the daemon's own hard limit: raising
+                        // it is refused (EPERM) and would fail the start.
+                        let mut cur = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+                        let value = if libc::getrlimit(resource, &mut cur) == 0 { (value as libc::rlim_t).min(cur.rlim_max) } else { value as libc::rlim_t };
+                        let lim = libc::rlimit { rlim_cur: value, rlim_max: value };
+                        if libc::setrlimit(resource, &lim) != 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                    }
+                    Ok(())
+                });
+            }
         }
         cmd
+    }
+}
+
+impl ProcessCommand {
+    /// Who must hold the socket the proxy connects to for this process:
+    /// the app's user for a host process; nobody to check for a container,
+    /// whose port is published on loopback by the engine (root), not by
+    /// the app, and which no other app can bind while the engine holds it.
+    pub fn listener_owner(&self) -> Option<u32> {
+        match &self.container {
+            Some(_) => None,
+            None => self.user.map(|u| u.uid),
+        }
     }
 }
 
@@ -80,6 +136,37 @@ pub fn signal_group(pgid: i32, signal: i32) -> bool {
     // SAFETY: kill(2) with a negative pid signals a process group; any pgid
     // and signal are valid inputs, failure is reported through the result.
     unsafe { libc::kill(-pgid, signal) == 0 }
+}
+
+/// Kill every process running as `user`, however it detached (new
+/// session, new group, reparented to init): a helper that becomes the
+/// user calls kill(-1, SIGKILL), which the kernel applies to all of the
+/// user's processes at once, so a forking loop cannot outrun it. Repeated
+/// until none is left. App users are the app's alone (see [`uids`]).
+pub async fn kill_user(user: AppUser) {
+    if user.uid == 0 {
+        return;
+    }
+    use std::os::unix::process::CommandExt;
+    let mut cmd = std::process::Command::new("/bin/true");
+    cmd.uid(user.uid).gid(user.gid).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+    // SAFETY: in the forked child, after setuid, before exec: kill(2) is
+    // async-signal-safe; kill(-1) spares the caller itself.
+    unsafe {
+        cmd.pre_exec(|| {
+            for _ in 0..100 {
+                if libc::kill(-1, libc::SIGKILL) != 0 {
+                    // ESRCH: nothing of the user's is left.
+                    break;
+                }
+            }
+            Ok(())
+        });
+    }
+    let result = tokio::task::spawn_blocking(move || cmd.status()).await;
+    if let Ok(Err(e)) = result {
+        tracing::warn!(uid = user.uid, error = %e, "killing the app user's processes failed");
+    }
 }
 
 /// Signal the process that does the work: `pid` itself, or, when `pid`
@@ -120,6 +207,100 @@ pub fn group_alive(pgid: i32) -> bool {
     })
 }
 
+/// upgrade track: watch `pid`, a process this daemon did not start (a
+/// previous daemon's app instance): a pidfd, readable once it has ended.
+/// Its start time is checked after the pidfd is taken, so the descriptor
+/// cannot name a process that reused the pid.
+pub fn watch_process(pid: i32, start: u64) -> std::io::Result<tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just returned this descriptor; nothing else owns it.
+    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
+    if start_time(pid) != Some(start) {
+        return Err(std::io::Error::new(std::io::ErrorKind::NotFound, "the process is gone (its pid was reused)"));
+    }
+    // SAFETY: an OwnedFd is an open descriptor that stays the same until
+    // the AsyncFd that owns it is dropped.
+    unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }.map_err(std::io::Error::from)
+}
+
+/// upgrade track: a new read end of an adopted process's output pipe
+/// (`stream` 1 or 2), opened through /proc/PID/fd as for a FIFO. Only a
+/// pipe is opened, never whatever file the app may have put there.
+pub fn reopen_output(pid: i32, stream: i32) -> Option<tokio::net::unix::pipe::Receiver> {
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let path = format!("/proc/{pid}/fd/{stream}");
+    if !std::fs::metadata(&path).ok()?.file_type().is_fifo() {
+        return None;
+    }
+    let f = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(&path).ok()?;
+    if !f.metadata().ok()?.file_type().is_fifo() {
+        return None;
+    }
+    tokio::net::unix::pipe::Receiver::from_file_unchecked(f).ok()
+}
+
+/// upgrade track: [`kill_user`] but for the process groups in `keep`
+/// (adopted app instances): every other process of the user is killed,
+/// found in /proc, until none is left. Slower than `kill_user` against a
+/// forking loop, so it is used only when something is to be kept.
+pub async fn kill_user_except(user: AppUser, keep: &[i32]) {
+    if user.uid == 0 {
+        return;
+    }
+    for _ in 0..100 {
+        let mut found = false;
+        let Ok(entries) = std::fs::read_dir("/proc") else { return };
+        for e in entries.flatten() {
+            let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else { continue };
+            let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else { continue };
+            let uid = status.lines().find_map(|l| l.strip_prefix("Uid:")).and_then(|l| l.split_whitespace().next()).and_then(|u| u.parse::<u32>().ok());
+            if uid != Some(user.uid) || status.lines().any(|l| l.starts_with("State:") && l.contains('Z')) {
+                continue;
+            }
+            let pgrp = process_group(pid);
+            if pgrp.is_some_and(|g| keep.contains(&g)) {
+                continue;
+            }
+            found = true;
+            // SAFETY: kill(2) has no memory-safety preconditions.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+            }
+        }
+        if !found {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tracing::warn!(uid = user.uid, "processes of the app user survived 100 rounds of killing");
+}
+
+/// The process group of `pid` (field 5 of /proc/PID/stat).
+fn process_group(pid: i32) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit(')').next()?.split_whitespace().nth(2)?.parse().ok()
+}
+
+/// upgrade track: is `pid` an instance an app may own: running as `uid`
+/// (`None`: the daemon's own user) from a directory under `under`?
+pub fn runs_as_under(pid: i32, uid: Option<u32>, under: &Path) -> bool {
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else { return false };
+    let real = status.lines().find_map(|l| l.strip_prefix("Uid:")).and_then(|l| l.split_whitespace().next()).and_then(|u| u.parse::<u32>().ok());
+    // SAFETY: geteuid has no preconditions.
+    let want = uid.unwrap_or_else(|| unsafe { libc::geteuid() });
+    if real != Some(want) {
+        return false;
+    }
+    let Ok(cwd) = std::fs::read_link(format!("/proc/{pid}/cwd")) else { return false };
+    let under = std::fs::canonicalize(under).unwrap_or_else(|_| under.to_path_buf());
+    cwd.starts_with(under)
+}
+
 /// A process's start time in clock ticks since boot (field 22 of
 /// /proc/PID/stat): with the pid, it names one process for good, even
 /// after the pid is reused.
@@ -154,7 +335,9 @@ impl StepError {
 pub async fn run_to_end(cmd: &ProcessCommand, progress: &Progress, timeout: Duration) -> Result<()> {
     let mut child = spawn(cmd).with_context(|| format!("starting `{}`", cmd.command))?;
     let pgid = child.id().map(|p| p as i32).unwrap_or(0);
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    // Bounded: a step printing faster than the client reads waits on its
+    // pipe instead of growing the daemon.
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<String>(LINE_QUEUE);
     if let Some(out) = child.stdout.take() {
         tokio::spawn(pump_lines(out, tx.clone()));
     }
@@ -214,8 +397,14 @@ pub fn describe_exit(s: std::process::ExitStatus) -> String {
 /// printing without newlines cannot grow the daemon's memory.
 const MAX_LINE: u64 = 64 * 1024;
 
-/// Read lines (lossily, as apps may print anything) until EOF.
-pub async fn pump_lines<R: AsyncRead + Unpin>(r: R, tx: tokio::sync::mpsc::UnboundedSender<String>) {
+/// How many lines may wait between a process's pipes and their reader:
+/// with 64 KiB lines, at most 2 MiB per process, and then the process
+/// waits on its pipe (backpressure) rather than the daemon growing.
+pub const LINE_QUEUE: usize = 32;
+
+/// Read lines (lossily, as apps may print anything) until EOF. A full
+/// queue holds the reader, and so the process writing the pipe.
+pub async fn pump_lines<R: AsyncRead + Unpin>(r: R, tx: tokio::sync::mpsc::Sender<String>) {
     use tokio::io::AsyncReadExt;
     let mut reader = BufReader::new(r);
     let mut buf = Vec::new();
@@ -225,7 +414,7 @@ pub async fn pump_lines<R: AsyncRead + Unpin>(r: R, tx: tokio::sync::mpsc::Unbou
             Ok(0) | Err(_) => return,
             Ok(_) => {
                 let line = String::from_utf8_lossy(&buf);
-                if tx.send(line.trim_end_matches(['\n', '\r']).to_string()).is_err() {
+                if tx.send(line.trim_end_matches(['\n', '\r']).to_string()).await.is_err() {
                     return;
                 }
             }

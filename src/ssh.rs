@@ -74,20 +74,70 @@ pub fn config(layout: &Layout) -> Result<Arc<russh::server::Config>> {
         methods,
         auth_rejection_time: Duration::from_millis(300),
         auth_rejection_time_initial: Some(Duration::ZERO),
-        inactivity_timeout: Some(Duration::from_secs(3600)),
+        // proxy track: idle connections are closed by the accept loop's SSH_IDLE.
+        inactivity_timeout: Some(SSH_IDLE),
         ..Default::default()
     }))
 }
 
-pub async fn serve(p: Arc<Platform>, config: Arc<russh::server::Config>, listener: TcpListener, mut shutdown: watch::Receiver<bool>) {
+// proxy track (issue 10 #3): our own accept loop (admission caps, survives EMFILE), a first-byte
+// deadline, an authentication deadline and an idle timeout per connection.
+/// A client must start the SSH handshake this soon after connecting.
+const SSH_FIRST_BYTE: Duration = Duration::from_secs(10);
+/// ... and be authenticated this soon.
+const SSH_AUTH_DEADLINE: Duration = Duration::from_secs(30);
+/// A connection with nothing moved either way for this long is closed.
+const SSH_IDLE: Duration = Duration::from_secs(15 * 60);
+
+pub async fn serve(
+    p: Arc<Platform>,
+    config: Arc<russh::server::Config>,
+    listener: TcpListener,
+    gate: Arc<crate::listener::Gate>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let _alive = crate::listener::LISTENERS.up("ssh");
     let mut server = SshServer { p };
-    let running = server.run_on_socket(config, &listener);
-    let handle = running.handle();
-    tokio::select! {
-        r = running => if let Err(e) = r {
-            tracing::error!(error = %e, "SSH server failed");
-        },
-        _ = shutdown.wait_for(|v| *v) => handle.shutdown("slipway is shutting down".into()),
+    loop {
+        let (stream, peer, permit) = tokio::select! {
+            c = crate::listener::accept(&listener, &gate) => c,
+            _ = shutdown.wait_for(|v| *v) => return,
+        };
+        let _ = stream.set_nodelay(true);
+        let io = crate::listener::Guarded::new(stream, permit, SSH_FIRST_BYTE, SSH_IDLE);
+        let handler = server.new_client(Some(peer));
+        let authed = handler.authed.clone();
+        let (config, mut shutdown) = (config.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            let session = match russh::server::run_stream(config, io, handler).await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::debug!(%peer, error = %e, "SSH handshake failed");
+                    return;
+                }
+            };
+            let handle = session.handle();
+            let deadline = tokio::time::sleep(SSH_AUTH_DEADLINE);
+            tokio::pin!(session, deadline);
+            let mut checked = false;
+            loop {
+                tokio::select! {
+                    _ = &mut session => return,
+                    _ = &mut deadline, if !checked => {
+                        checked = true;
+                        if !authed.load(std::sync::atomic::Ordering::Acquire) {
+                            tracing::debug!(%peer, "SSH client not authenticated in time");
+                            let _ = handle.disconnect(russh::Disconnect::ByApplication, "authentication timed out".into(), "en".into()).await;
+                            return;
+                        }
+                    }
+                    _ = async { let _ = shutdown.wait_for(|v| *v).await; } => {
+                        let _ = handle.disconnect(russh::Disconnect::ByApplication, "slipway is shutting down".into(), "en".into()).await;
+                        return;
+                    }
+                }
+            }
+        });
     }
 }
 
@@ -98,14 +148,28 @@ struct SshServer {
 impl russh::server::Server for SshServer {
     type Handler = Connection;
     fn new_client(&mut self, _peer: Option<std::net::SocketAddr>) -> Connection {
-        Connection { p: self.p.clone(), principal: None, channels: HashMap::new() }
+        Connection { p: self.p.clone(), principal: None, fingerprint: None, channels: HashMap::new(), authed: Arc::default(), terminals: HashMap::new() }
     }
 }
 
 struct Connection {
     p: Arc<Platform>,
     principal: Option<Principal>,
+    /// The key it authenticated with: re-checked at each command and on
+    /// every revocation, so removing the key ends the session.
+    fingerprint: Option<String>,
     channels: HashMap<ChannelId, Channel<Msg>>,
+    /// proxy track: set once a key is accepted; the accept loop's auth deadline reads it.
+    authed: Arc<std::sync::atomic::AtomicBool>,
+    /// people track: channels whose client asked for a terminal (`ssh -t`).
+    terminals: HashMap<ChannelId, (String, crate::runtime::pty::WindowSize)>,
+}
+
+/// Does the key with this fingerprint still exist? (A database error is
+/// not a removal.)
+async fn key_valid(p: &Platform, fingerprint: &str) -> bool {
+    let fp = fingerprint.to_string();
+    p.store.call(move |s| s.key_by_fingerprint(&fp)).await.map(|k| k.is_some()).unwrap_or(true)
 }
 
 impl Connection {
@@ -120,13 +184,20 @@ impl russh::server::Handler for Connection {
     type Error = russh::Error;
 
     async fn auth_publickey_offered(&mut self, _user: &str, offer: PublicKeyOffer<'_>) -> Result<Auth, Self::Error> {
-        Ok(if self.principal_for(offer.public_key).await.is_some() { Auth::Accept } else { Auth::reject() })
+        if self.principal_for(offer.public_key).await.is_some() {
+            return Ok(Auth::Accept);
+        }
+        // One line per key refused (a client may offer several).
+        tracing::warn!(via = "ssh", key = %offer.public_key.fingerprint(HashAlg::Sha256), "auth failure: unknown or removed key");
+        Ok(Auth::reject())
     }
 
     async fn auth_publickey(&mut self, _user: &str, key: VerifiedPublicKey<'_>) -> Result<Auth, Self::Error> {
         match self.principal_for(key.public_key).await {
             Some(p) => {
                 self.principal = Some(p);
+                self.authed.store(true, std::sync::atomic::Ordering::Release);
+                self.fingerprint = Some(key.public_key.fingerprint(HashAlg::Sha256).to_string());
                 Ok(Auth::Accept)
             }
             None => Ok(Auth::reject()),
@@ -144,18 +215,22 @@ impl russh::server::Handler for Connection {
         Ok(())
     }
 
+    // people track: a terminal is given to CLI commands (`ssh -t git@HOST
+    // run APP -- bash`); it never becomes a shell on the server.
     async fn pty_request(
         &mut self,
         channel: ChannelId,
-        _term: &str,
-        _cols: u32,
-        _rows: u32,
+        term: &str,
+        cols: u32,
+        rows: u32,
         _px: u32,
         _py: u32,
         _modes: &[(russh::Pty, u32)],
         session: &mut Session,
     ) -> Result<(), Self::Error> {
-        session.channel_failure(channel)?;
+        let size = crate::runtime::pty::WindowSize { cols: cols.min(u16::MAX.into()) as u16, rows: rows.min(u16::MAX.into()) as u16 };
+        self.terminals.insert(channel, (term.chars().take(64).collect(), size));
+        session.channel_success(channel)?;
         Ok(())
     }
 
@@ -173,15 +248,21 @@ impl russh::server::Handler for Connection {
             session.channel_failure(channel)?;
             return Ok(());
         };
-        let Some(principal) = self.principal.clone() else {
+        let (Some(principal), Some(fingerprint)) = (self.principal.clone(), self.fingerprint.clone()) else {
             session.channel_failure(channel)?;
             return Ok(());
         };
+        if !key_valid(&self.p, &fingerprint).await {
+            // Removed since this connection authenticated.
+            session.channel_failure(channel)?;
+            return Ok(());
+        }
         session.channel_success(channel)?;
         let p = self.p.clone();
         let command = String::from_utf8_lossy(data).to_string();
+        let terminal = self.terminals.remove(&channel);
         tokio::spawn(async move {
-            let code = match run_exec(&p, &principal, &command, ch).await {
+            let code = match run_exec(&p, &principal, &fingerprint, &command, ch, terminal).await {
                 Ok(()) => return,
                 Err((ch, e)) => {
                     let _ = ch.extended_data_bytes(1, format!("slipway: {e:#}\n").into_bytes()).await;
@@ -295,7 +376,15 @@ pub fn split_words(s: &str) -> Result<Vec<String>> {
 
 type ExecError = (Channel<Msg>, anyhow::Error);
 
-async fn run_exec(p: &Arc<Platform>, principal: &Principal, command: &str, ch: Channel<Msg>) -> Result<(), ExecError> {
+async fn run_exec(
+    p: &Arc<Platform>,
+    principal: &Principal,
+    fingerprint: &str,
+    command: &str,
+    ch: Channel<Msg>,
+    terminal: Option<(String, crate::runtime::pty::WindowSize)>,
+) -> Result<(), ExecError> {
+    let revoked = p.until_revoked(|| key_valid(p, fingerprint));
     let request = match parse_request(command) {
         Ok(r) => r,
         Err(e) => return Err((ch, e)),
@@ -306,7 +395,7 @@ async fn run_exec(p: &Arc<Platform>, principal: &Principal, command: &str, ch: C
                 Ok(c) => c,
                 Err(e) => return Err((ch, e)),
             };
-            let result = bridge(ch, cmd).await;
+            let result = bridge(ch, cmd, revoked).await;
             if let Some(id) = push_id {
                 p.end_push(&id);
             }
@@ -331,7 +420,17 @@ async fn run_exec(p: &Arc<Platform>, principal: &Principal, command: &str, ch: C
                 .env("SLIPWAY_URL", format!("http://{api}"))
                 .env("SLIPWAY_TOKEN", &token)
                 .env("SLIPWAY_SSH_SESSION", "1");
-            let result = bridge(ch, cmd).await;
+            let result = match terminal {
+                Some((term, size)) => {
+                    cmd.env("TERM", term);
+                    // A removed key ends the terminal session too.
+                    tokio::select! {
+                        r = bridge_terminal(ch, cmd, size) => r,
+                        () = revoked => Ok(()),
+                    }
+                }
+                None => bridge(ch, cmd, revoked).await,
+            };
             p.end_session(&token);
             result
         }
@@ -377,8 +476,10 @@ fn repo_arg(repo: &Path) -> std::ffi::OsString {
 }
 
 /// Run `cmd` with the channel as its stdin, stdout and stderr; send its
-/// exit status and close. The channel closing kills the command.
-async fn bridge(mut ch: Channel<Msg>, mut cmd: Command) -> Result<(), ExecError> {
+/// exit status and close. The channel closing kills the command, and so
+/// does `revoked` resolving (the key was removed).
+async fn bridge(mut ch: Channel<Msg>, mut cmd: Command, revoked: impl std::future::Future<Output = ()>) -> Result<(), ExecError> {
+    tokio::pin!(revoked);
     cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
     let mut child = match cmd.spawn() {
         Ok(c) => c,
@@ -418,11 +519,68 @@ async fn bridge(mut ch: Channel<Msg>, mut cmd: Command) -> Result<(), ExecError>
                     break None;
                 }
             },
+            _ = &mut revoked => {
+                let _ = child.kill().await;
+                let _ = ch.extended_data_bytes(1, b"slipway: this key was removed; session ended\n".to_vec()).await;
+                break None;
+            },
             status = child.wait() => break status.ok(),
         }
     };
     let _ = out_task.await;
     let _ = err_task.await;
+    let code = status.and_then(|s| s.code()).unwrap_or(1) as u32;
+    let _ = ch.exit_status(code).await;
+    let _ = ch.eof().await;
+    let _ = ch.close().await;
+    Ok(())
+}
+
+/// people track: as [`bridge`], with the command on a terminal of its own
+/// (`ssh -t`): its output and the client's keys pass through the terminal,
+/// window changes resize it.
+async fn bridge_terminal(mut ch: Channel<Msg>, cmd: Command, size: crate::runtime::pty::WindowSize) -> Result<(), ExecError> {
+    let (mut child, term) = match crate::runtime::pty::spawn_in_terminal(cmd, size, None) {
+        Ok(c) => c,
+        Err(e) => return Err((ch, anyhow!("starting the command: {e}"))),
+    };
+    let term = Arc::new(term);
+    let mut writer = ch.make_writer();
+    let out_task = tokio::spawn({
+        let term = term.clone();
+        async move {
+            let mut buf = vec![0u8; 16 * 1024];
+            while let Ok(n) = term.read(&mut buf).await {
+                if n == 0 || writer.write_all(&buf[..n]).await.is_err() {
+                    break;
+                }
+            }
+            let _ = writer.flush().await;
+        }
+    });
+    let status = loop {
+        tokio::select! {
+            msg = ch.wait() => match msg {
+                Some(ChannelMsg::Data { data }) => {
+                    let _ = term.write_all(&data).await;
+                }
+                Some(ChannelMsg::WindowChange { col_width, row_height, .. }) => {
+                    let _ = term.resize(crate::runtime::pty::WindowSize {
+                        cols: col_width.min(u16::MAX.into()) as u16,
+                        rows: row_height.min(u16::MAX.into()) as u16,
+                    });
+                }
+                Some(_) => {}
+                None => {
+                    let _ = child.kill().await;
+                    break None;
+                }
+            },
+            status = child.wait() => break status.ok(),
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(2), out_task).await;
+    drop(term);
     let code = status.and_then(|s| s.code()).unwrap_or(1) as u32;
     let _ = ch.exit_status(code).await;
     let _ = ch.eof().await;

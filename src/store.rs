@@ -26,6 +26,49 @@ pub struct App {
     pub created_at: String,
 }
 
+/// A switch recorded before it happens, until the repo agrees with it
+/// (integrity track, issue 10 #12).
+#[derive(Debug, Clone)]
+pub struct Switch {
+    pub app: String,
+    pub version: u32,
+    /// The release that was live before (`None`: the app's first).
+    pub previous: Option<u32>,
+    pub commit: String,
+    pub git_ref: String,
+    pub kind: SwitchKind,
+}
+
+/// What settles a switch's repo side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SwitchKind {
+    /// A push: live only once git has moved `git_ref` to the commit (after
+    /// the hook); otherwise it is rolled back.
+    Push,
+    /// slipway moves `git_ref` to the commit itself (promotion), then tags.
+    MoveRef,
+    /// Only `LIVE`/`DEPLOYED-*` follow (deploy from the API, rollback).
+    Tag,
+}
+
+impl SwitchKind {
+    fn as_str(self) -> &'static str {
+        match self {
+            SwitchKind::Push => "push",
+            SwitchKind::MoveRef => "move-ref",
+            SwitchKind::Tag => "tag",
+        }
+    }
+
+    fn parse(s: &str) -> SwitchKind {
+        match s {
+            "push" => SwitchKind::Push,
+            "move-ref" => SwitchKind::MoveRef,
+            _ => SwitchKind::Tag,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ReleaseStatus {
@@ -66,6 +109,9 @@ pub struct Release {
     pub actor: String,
     pub status: ReleaseStatus,
     pub created_at: String,
+    /// Its tree (and image) was removed by `--keep-releases`; the record
+    /// stays, so history is whole and numbers are never reused.
+    pub collected: bool,
 }
 
 impl Release {
@@ -94,6 +140,7 @@ impl Release {
             actor: actor.to_string(),
             status: ReleaseStatus::Pending,
             created_at: String::new(),
+            collected: false,
         }
     }
 }
@@ -136,7 +183,36 @@ pub struct Event {
 /// Migration 1 is the schema of slipway before versioning; its
 /// `IF NOT EXISTS` lets an unversioned database (user_version 0 with the
 /// tables present) take it as a no-op.
-const MIGRATIONS: &[&str] = &[SCHEMA_V1];
+const MIGRATIONS: &[&str] = &[SCHEMA_V1, PROMOTION_SOURCES, WEBHOOK_SECRETS, HISTORY_COLLECTED, INTEGRITY_SWITCHES];
+
+// history track: a collected release keeps its record (issue 15 #4).
+const HISTORY_COLLECTED: &str = "ALTER TABLE releases ADD COLUMN collected INTEGER NOT NULL DEFAULT 0;";
+
+/// Apps that were promoted from (staging apps): their deploy tags carry
+/// the app's name, so `LIVE` names the live app's release only.
+const PROMOTION_SOURCES: &str = "
+CREATE TABLE IF NOT EXISTS promotion_sources (
+    app TEXT PRIMARY KEY REFERENCES apps(name) ON DELETE CASCADE
+);
+";
+
+/// Each app's webhook signing secret (HMAC-SHA256).
+const WEBHOOK_SECRETS: &str = "ALTER TABLE webhooks ADD COLUMN secret TEXT;";
+
+/// integrity track (issue 10 #12): a switch whose repo side (the pushed
+/// ref, `LIVE`/`DEPLOYED-*`) is not settled yet. Written before the
+/// switch, removed once the repo agrees; what a start finds here it rolls
+/// forward or back (`release::reconcile`).
+const INTEGRITY_SWITCHES: &str = "
+CREATE TABLE IF NOT EXISTS unsettled_switches (
+    app TEXT PRIMARY KEY REFERENCES apps(name) ON DELETE CASCADE,
+    version INTEGER NOT NULL,
+    previous INTEGER,
+    commit_id TEXT NOT NULL,
+    git_ref TEXT NOT NULL,
+    kind TEXT NOT NULL
+);
+";
 
 const SCHEMA_V1: &str = "
 CREATE TABLE IF NOT EXISTS apps (
@@ -275,6 +351,22 @@ impl Store {
         f(&mut conn).context("database error")
     }
 
+    // backup track (issue 14 #6): snapshots through SQLite's online backup API.
+
+    /// Copy the whole database to `dest` (a new file) as one consistent
+    /// snapshot, while other callers wait on the connection's lock.
+    pub fn backup_to(&self, dest: &Path) -> Result<()> {
+        let conn = self.conn.lock().unwrap_or_else(|e| e.into_inner());
+        conn.backup(rusqlite::MAIN_DB, dest, None::<fn(rusqlite::backup::Progress)>)
+            .with_context(|| format!("backing up the database to {}", dest.display()))
+    }
+
+    /// A restored data dir gets app uids from its own block at start: the
+    /// recorded ones belong to the server the backup was made on.
+    pub fn forget_app_users(&self) -> Result<()> {
+        self.with(|c| c.execute_batch("DELETE FROM app_users; DELETE FROM counters WHERE name = 'uid';"))
+    }
+
     // ---- apps ----
 
     /// Create an app; false when it existed already.
@@ -285,6 +377,19 @@ impl Store {
                 params![app.as_str(), now()],
             )?;
             Ok(n == 1)
+        })
+    }
+
+    /// Record that `app` was promoted from. True the first time.
+    pub fn mark_promotion_source(&self, app: &AppName) -> Result<bool> {
+        self.with(|c| Ok(c.execute("INSERT OR IGNORE INTO promotion_sources (app) VALUES (?1)", params![app.as_str()])? == 1))
+    }
+
+    pub fn is_promotion_source(&self, app: &AppName) -> Result<bool> {
+        self.with(|c| {
+            c.query_row("SELECT 1 FROM promotion_sources WHERE app = ?1", params![app.as_str()], |_| Ok(()))
+                .optional()
+                .map(|r| r.is_some())
         })
     }
 
@@ -316,8 +421,15 @@ impl Store {
             tx.execute("DELETE FROM tokens WHERE app = ?1", params![app.as_str()])?;
             tx.execute("DELETE FROM keys WHERE app = ?1", params![app.as_str()])?;
             tx.execute("DELETE FROM apps WHERE name = ?1", params![app.as_str()])?;
+            tx.execute("DELETE FROM counters WHERE name = ?1", params![format!("release:{app}")])?;
             tx.commit()
         })
+    }
+
+    /// The lowest uid any app has (process track: which uid block a data
+    /// dir made before blocks already uses).
+    pub fn min_app_uid(&self) -> Result<Option<u32>> {
+        self.with(|c| c.query_row("SELECT MIN(uid) FROM app_users", [], |r| r.get(0)))
     }
 
     /// The app's own uid, allocated on first use from `first` upwards and
@@ -459,15 +571,24 @@ impl Store {
 
     // ---- releases ----
 
-    /// Reserve the next version number with a pending record.
+    /// Reserve the next version number with a pending record. Numbers are
+    /// never reused: the highest one ever given (kept in `counters`, as a
+    /// record may be gone) plus one.
     pub fn begin_release(&self, r: &Release) -> Result<u32> {
         let config = serde_json::to_string(&r.config).context("encoding config")?;
+        let counter = format!("release:{}", r.app);
         self.with(|c| {
             let tx = c.transaction()?;
             let version: u32 = tx.query_row(
-                "SELECT COALESCE(MAX(version), 0) + 1 FROM releases WHERE app = ?1",
-                params![r.app],
+                "SELECT MAX(COALESCE((SELECT MAX(version) FROM releases WHERE app = ?1), 0),
+                            COALESCE((SELECT value FROM counters WHERE name = ?2), 0)) + 1",
+                params![r.app, counter],
                 |row| row.get(0),
+            )?;
+            tx.execute(
+                "INSERT INTO counters (name, value) VALUES (?1, ?2)
+                 ON CONFLICT(name) DO UPDATE SET value = excluded.value",
+                params![counter, version],
             )?;
             let tree = if r.tree == 0 { version } else { r.tree };
             tx.execute(
@@ -522,11 +643,74 @@ impl Store {
         })
     }
 
+    // ---- unsettled switches (integrity track) ----
+
+    /// Record a switch before it happens (one per app: an app's operations
+    /// are serialized, so a new one replaces a settled-and-forgotten one).
+    pub fn begin_switch(&self, sw: &Switch) -> Result<()> {
+        self.with(|c| {
+            c.execute(
+                "INSERT OR REPLACE INTO unsettled_switches (app, version, previous, commit_id, git_ref, kind)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![sw.app, sw.version, sw.previous, sw.commit, sw.git_ref, sw.kind.as_str()],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// The repo agrees with the store again (or the operation failed).
+    pub fn end_switch(&self, app: &AppName) -> Result<()> {
+        self.with(|c| {
+            c.execute("DELETE FROM unsettled_switches WHERE app = ?1", params![app.as_str()])?;
+            Ok(())
+        })
+    }
+
+    pub fn unsettled_switches(&self) -> Result<Vec<Switch>> {
+        self.with(|c| {
+            let mut st = c.prepare("SELECT app, version, previous, commit_id, git_ref, kind FROM unsettled_switches ORDER BY app")?;
+            let rows = st.query_map([], |r| {
+                let kind: String = r.get(5)?;
+                Ok(Switch {
+                    app: r.get(0)?,
+                    version: r.get(1)?,
+                    previous: r.get(2)?,
+                    commit: r.get(3)?,
+                    git_ref: r.get(4)?,
+                    kind: SwitchKind::parse(&kind),
+                })
+            })?;
+            rows.collect()
+        })
+    }
+
+    /// Undo a switch the repo never confirmed, in one transaction: `version`
+    /// is recorded failed, `previous` (if any) is live again, the journal
+    /// entry goes.
+    pub fn roll_back_switch(&self, app: &AppName, version: u32, previous: Option<u32>, reason: &str) -> Result<()> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            tx.execute(
+                "UPDATE releases SET status = 'failed', description = description || ' — failed: ' || ?3
+                 WHERE app = ?1 AND version = ?2",
+                params![app.as_str(), version, reason],
+            )?;
+            if let Some(prev) = previous {
+                tx.execute(
+                    "UPDATE releases SET status = 'live' WHERE app = ?1 AND version = ?2",
+                    params![app.as_str(), prev],
+                )?;
+            }
+            tx.execute("DELETE FROM unsettled_switches WHERE app = ?1", params![app.as_str()])?;
+            tx.commit()
+        })
+    }
+
     pub fn releases(&self, app: &AppName) -> Result<Vec<Release>> {
         self.with(|c| {
             let mut st = c.prepare(
                 "SELECT app, version, tree, commit_id, git_ref, env_key, config, description,
-                        actor, status, created_at
+                        actor, status, created_at, collected
                  FROM releases WHERE app = ?1 ORDER BY version DESC",
             )?;
             let rows = st.query_map(params![app.as_str()], release_from_row)?;
@@ -538,7 +722,7 @@ impl Store {
         self.with(|c| {
             c.query_row(
                 "SELECT app, version, tree, commit_id, git_ref, env_key, config, description,
-                        actor, status, created_at
+                        actor, status, created_at, collected
                  FROM releases WHERE app = ?1 AND version = ?2",
                 params![app.as_str(), version],
                 release_from_row,
@@ -551,7 +735,7 @@ impl Store {
         self.with(|c| {
             c.query_row(
                 "SELECT app, version, tree, commit_id, git_ref, env_key, config, description,
-                        actor, status, created_at
+                        actor, status, created_at, collected
                  FROM releases WHERE app = ?1 AND status = 'live'",
                 params![app.as_str()],
                 release_from_row,
@@ -565,8 +749,21 @@ impl Store {
         self.with(|c| {
             let mut st = c.prepare(
                 "SELECT app, version, tree, commit_id, git_ref, env_key, config, description,
-                        actor, status, created_at
+                        actor, status, created_at, collected
                  FROM releases WHERE status = 'live' ORDER BY app",
+            )?;
+            let rows = st.query_map([], release_from_row)?;
+            rows.collect()
+        })
+    }
+
+    /// Releases left `pending` by a daemon that stopped mid-operation.
+    pub fn pending_releases(&self) -> Result<Vec<Release>> {
+        self.with(|c| {
+            let mut st = c.prepare(
+                "SELECT app, version, tree, commit_id, git_ref, env_key, config, description,
+                        actor, status, created_at, collected
+                 FROM releases WHERE status = 'pending' ORDER BY app, version",
             )?;
             let rows = st.query_map([], release_from_row)?;
             rows.collect()
@@ -578,7 +775,7 @@ impl Store {
         self.with(|c| {
             let mut st = c.prepare(
                 "SELECT DISTINCT env_key FROM releases
-                 WHERE env_key IS NOT NULL AND status != 'failed'",
+                 WHERE env_key IS NOT NULL AND status != 'failed' AND collected = 0",
             )?;
             let rows = st.query_map([], |r| r.get(0))?;
             rows.collect()
@@ -590,14 +787,23 @@ impl Store {
         self.delete_releases(app, &[version])
     }
 
+    /// Record that these releases' trees were collected (`--keep-releases`):
+    /// the records stay, a rollback to them says how to rebuild.
+    pub fn mark_collected(&self, app: &AppName, versions: &[u32]) -> Result<()> {
+        self.per_version(app, versions, "UPDATE releases SET collected = 1 WHERE app = ?1 AND version = ?2 AND status != 'live'")
+    }
+
     pub fn delete_releases(&self, app: &AppName, versions: &[u32]) -> Result<()> {
+        self.per_version(app, versions, "DELETE FROM releases WHERE app = ?1 AND version = ?2 AND status != 'live'")
+    }
+
+    /// `sql` (?1 the app, ?2 a version) for each of `versions`, in one
+    /// transaction.
+    fn per_version(&self, app: &AppName, versions: &[u32], sql: &str) -> Result<()> {
         self.with(|c| {
             let tx = c.transaction()?;
             for v in versions {
-                tx.execute(
-                    "DELETE FROM releases WHERE app = ?1 AND version = ?2 AND status != 'live'",
-                    params![app.as_str(), v],
-                )?;
+                tx.execute(sql, params![app.as_str(), v])?;
             }
             tx.commit()
         })
@@ -622,6 +828,37 @@ impl Store {
                 )?,
                 None => c.execute("DELETE FROM webhooks WHERE app = ?1", params![app.as_str()])?,
             };
+            Ok(())
+        })
+    }
+
+    /// people track (`/metrics`): how many of each operation ended how,
+    /// per app, from the audit trail: (app, action, outcome, count).
+    pub fn operation_counts(&self) -> Result<Vec<(String, String, String, u64)>> {
+        self.with(|c| {
+            let mut st = c.prepare(
+                "SELECT app, action, outcome, COUNT(*) FROM events
+                 WHERE app IS NOT NULL AND action IN ('deploy', 'rollback', 'promote', 'config', 'restart', 'scale', 'webhook')
+                 GROUP BY app, action, outcome ORDER BY app, action, outcome",
+            )?;
+            let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get::<_, i64>(3)? as u64)))?;
+            rows.collect()
+        })
+    }
+
+    /// people track: the app's webhook signing secret, if one was made.
+    pub fn webhook_secret(&self, app: &AppName) -> Result<Option<String>> {
+        self.with(|c| {
+            c.query_row("SELECT secret FROM webhooks WHERE app = ?1", params![app.as_str()], |r| r.get::<_, Option<String>>(0))
+                .optional()
+                .map(Option::flatten)
+        })
+    }
+
+    /// people track: set the secret of an app's existing webhook.
+    pub fn set_webhook_secret(&self, app: &AppName, secret: &str) -> Result<()> {
+        self.with(|c| {
+            c.execute("UPDATE webhooks SET secret = ?2 WHERE app = ?1", params![app.as_str(), secret])?;
             Ok(())
         })
     }
@@ -724,12 +961,18 @@ impl Store {
     }
 
     pub fn events(&self, app: Option<&AppName>, limit: u32) -> Result<Vec<Event>> {
+        self.events_since(app, limit, None)
+    }
+
+    /// The newest `limit` events, only those at or after `since` (a UTC
+    /// time as events record it, `YYYY-MM-DDTHH:MM:SSZ`) when given.
+    pub fn events_since(&self, app: Option<&AppName>, limit: u32, since: Option<&str>) -> Result<Vec<Event>> {
         self.with(|c| {
             let mut st = c.prepare(
                 "SELECT id, at, app, actor, action, detail, outcome FROM events
-                 WHERE (?1 IS NULL OR app = ?1) ORDER BY id DESC LIMIT ?2",
+                 WHERE (?1 IS NULL OR app = ?1) AND (?3 IS NULL OR at >= ?3) ORDER BY id DESC LIMIT ?2",
             )?;
-            let rows = st.query_map(params![app.map(|a| a.as_str()), limit], |r| {
+            let rows = st.query_map(params![app.map(|a| a.as_str()), limit, since], |r| {
                 Ok(Event {
                     id: r.get(0)?,
                     at: r.get(1)?,
@@ -761,7 +1004,36 @@ fn release_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Release> {
         actor: r.get(8)?,
         status: ReleaseStatus::parse(&status),
         created_at: r.get(10)?,
+        collected: r.get::<_, i64>(11)? != 0,
     })
+}
+
+/// backup track: a consistent copy of an app's own SQLite database (a
+/// `[storage]` file) while the app may be writing it: the online backup
+/// API in one step, under a shared lock the app's writers wait on (their
+/// busy handler), so the copy is never torn. The source is opened
+/// read-only; `Ok(false)` when the file is not a database.
+pub fn snapshot_foreign_db(src: &Path, dest: &Path) -> Result<bool> {
+    use rusqlite::backup::{Backup, StepResult};
+    use rusqlite::OpenFlags;
+    let mut head = [0u8; 16];
+    match std::fs::File::open(src).and_then(|mut f| std::io::Read::read_exact(&mut f, &mut head)) {
+        Ok(()) if &head == b"SQLite format 3\0" => {}
+        _ => return Ok(false),
+    }
+    let from = Connection::open_with_flags(src, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
+        .with_context(|| format!("opening {}", src.display()))?;
+    from.busy_timeout(std::time::Duration::from_secs(5)).context("busy timeout")?;
+    let mut to = Connection::open(dest).with_context(|| format!("creating {}", dest.display()))?;
+    let backup = Backup::new(&from, &mut to).context("starting the backup")?;
+    // -1: every page in one step, so a writer between steps cannot restart it.
+    for _ in 0..50 {
+        match backup.step(-1).with_context(|| format!("copying {}", src.display()))? {
+            StepResult::Done => return Ok(true),
+            _ => std::thread::sleep(std::time::Duration::from_millis(100)),
+        }
+    }
+    anyhow::bail!("{} stayed locked for 5 s", src.display())
 }
 
 #[cfg(test)]
@@ -823,3 +1095,4 @@ mod tests {
         Ok(())
     }
 }
+

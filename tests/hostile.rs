@@ -206,7 +206,7 @@ fn hostile_inputs_are_refused_and_change_nothing() {
     h.push("Procfile over 64 KiB", "larger than", &[("Procfile", &"web: x\n".repeat(20_000))], &[]);
     h.push("weird process type", "must be lowercase", &[("Procfile", "WEB$(id): gunicorn\n")], &[]);
     h.push("health path that is a URL", "must start with /", &[("slipway.toml", "[healthcheck]\npath = \"http://evil/\"\n")], &[]);
-    h.push("unknown toml section", "unknown key", &[("slipway.toml", "[exec]\ncommand = \"rm -rf /\"\n")], &[]);
+    h.push("unknown toml section", "unknown section [exec]", &[("slipway.toml", "[exec]\ncommand = \"rm -rf /\"\n")], &[]);
     h.push("interpreter pin injection", "unsupported python version pin", &[(".python-version", "3.11; rm -rf /\n")], &[]);
     h.refuse("push to a ref outside heads and tags", "invalid ref name", |s| {
         let repo = AppRepo::hello("victim");

@@ -36,6 +36,20 @@ fn wagtail_site_under_uwsgi_deploys_and_keeps_its_data() {
     assert!(body.contains("/static/"), "{body}");
     assert!(db.is_file(), "the database lives in the app's data dir");
 
+    // Production settings: the admin's login page and its hashed static
+    // files, through slipway's proxy.
+    let (status, login) = server.get("wagtail", "/admin/login/");
+    assert_eq!(status, 200, "{login}");
+    assert!(login.contains("Sign in"), "{login}");
+    let css = login
+        .split('"')
+        .find(|s| s.starts_with("/static/") && s.ends_with(".css"))
+        .unwrap_or_else(|| panic!("no stylesheet on the login page:\n{login}"))
+        .to_string();
+    let (status, body) = server.get("wagtail", &css);
+    assert_eq!(status, 200, "{css}: {body}");
+    assert!(!body.is_empty(), "{css} is empty");
+
     let out = server.cli(&[
         "run", "wagtail", "--", "python", "manage.py", "shell", "-c",
         "from wagtail.models import Page; p = Page.objects.get(depth=2).specific; p.title = 'Kept across releases'; p.save_revision().publish(); print('renamed')",

@@ -33,7 +33,12 @@ fn assert_unchanged(server: &TestServer, app: &str, before: &Before) {
     let after = snapshot(server, app);
     assert_eq!(after.body, before.body, "the old release must keep serving");
     assert_eq!(after.pids, before.pids, "the old process must be the one serving, and alone");
-    assert_eq!(after.releases, before.releases, "no release may be recorded");
+    // history track (issue 15 #4): a failed deploy stays on record as
+    // `failed`; nothing else in the list may change.
+    let settled = |v: &serde_json::Value| -> Vec<serde_json::Value> {
+        v.as_array().into_iter().flatten().filter(|r| r["status"] != "failed").cloned().collect()
+    };
+    assert_eq!(settled(&after.releases), settled(&before.releases), "no release may go live or change");
     assert_eq!(after.trees, before.trees, "no release tree may be left behind");
     assert_eq!(after.envs, before.envs, "no environment may be left behind");
     for pid in &before.pids {
@@ -55,7 +60,8 @@ fn rejected_with(app: &str, change: impl FnOnce(&AppRepo), reason: &str) -> Stri
     assert!(out.contains("nothing changed: the previous release keeps serving"), "{out}");
     assert_unchanged(&server, app, &before);
     // The repo's ref still names the live commit.
-    let live = server.json(&["releases", app, "--json"])[0]["commit"].clone();
+    let releases = server.json(&["releases", app, "--json"]);
+    let live = releases.as_array().and_then(|a| a.iter().find(|r| r["status"] == "live")).map(|r| r["commit"].clone()).unwrap_or_default();
     let ls_remote = std::process::Command::new("git")
         .args(["ls-remote", &server.git_url(app), "refs/heads/main"])
         .output()
@@ -369,11 +375,15 @@ fn old_releases_and_unused_environments_are_collected() {
         repo.deploy(&server, "gc");
     }
     assert_eq!(ls(&server.data().join("apps/gc/releases")), vec!["v3", "v4"]);
-    assert_eq!(server.json(&["releases", "gc", "--json"]).as_array().map(Vec::len), Some(2));
+    // history track (issue 15 #4): the records stay, marked collected.
+    let releases = server.json(&["releases", "gc", "--json"]);
+    let collected: Vec<bool> = releases.as_array().into_iter().flatten().map(|r| r["collected"] == true).collect();
+    assert_eq!(collected, vec![false, false, true, true], "{releases}");
     // v3 and v4 use different environments; the older duplicates are gone.
     assert_eq!(ls(&server.data().join("envs")).len(), 2);
     let out = server.cli(&["rollback", "gc", "v1"]);
     assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("slipway deploy gc --ref"), "{}", String::from_utf8_lossy(&out.stderr));
     server.ok(&["rollback", "gc", "v3"]);
     assert_eq!(server.get("gc", "/").1, "r3 world\n");
 }
@@ -429,4 +439,213 @@ fn a_push_abandoned_mid_deploy_leaves_ref_and_live_release_in_agreement() {
         );
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
+}
+
+// ---- integrity track (issue 10 #12): a crash mid-switch, settled at start ----
+
+fn server_ref(server: &TestServer, app: &str, name: &str) -> String {
+    let out = std::process::Command::new("git")
+        .arg("--git-dir")
+        .arg(server.data().join(format!("repos/{app}.git")))
+        .args(["rev-parse", "--verify", "--quiet", &format!("{name}^{{commit}}")])
+        .output()
+        .expect("git rev-parse");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// Store, `current`, proxy and refs name one release: the one whose code serves.
+fn assert_agree(server: &TestServer, app: &str, commit: &str, body: &str) {
+    let releases = server.json(&["releases", app, "--json"]);
+    let live: Vec<&serde_json::Value> = releases.as_array().into_iter().flatten().filter(|r| r["live"] == true).collect();
+    assert_eq!(live.len(), 1, "one live release: {releases}");
+    assert_eq!(live[0]["commit"], commit, "the store's live release: {releases}");
+    assert!(
+        !releases.as_array().into_iter().flatten().any(|r| r["status"] == "pending"),
+        "no pending release: {releases}"
+    );
+    let tree = std::fs::read_link(server.data().join(format!("apps/{app}/current"))).expect("current link");
+    let version = live[0]["version"].as_str().unwrap_or("").to_string();
+    assert!(tree.ends_with(&version), "current {} is not the live {version}", tree.display());
+    assert_eq!(server.get(app, "/").1, body, "the proxy serves the live release");
+    assert_eq!(server_ref(server, app, "refs/heads/main"), commit, "main");
+    assert_eq!(server_ref(server, app, "refs/tags/LIVE"), commit, "LIVE");
+}
+
+fn reconcile_event(server: &TestServer, app: &str) -> String {
+    let events = server.json(&["events", app, "--json"]);
+    events
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|e| e["action"] == "reconcile")
+        .map(|e| e["detail"].as_str().unwrap_or("").to_string())
+        .unwrap_or_else(|| panic!("no reconcile event: {events}"))
+}
+
+/// Deploy "old", then push "new" with the daemon set to abort at `point`;
+/// restart it without the hook. Returns (old commit, new commit).
+fn crash_during_push(server: &mut TestServer, repo: &AppRepo, app: &str, point: &str) -> (String, String) {
+    repo.deploy(server, app);
+    let old = repo.head();
+    assert!(server.stop(), "server stops");
+    server.set_env("SLIPWAY_TEST_CRASH_AT", Some(point));
+    server.restart();
+    repo.write("app.py", &hello_app("new"));
+    repo.commit("new code");
+    let new = repo.head();
+    let _ = repo.push(&server.git_url(app), "main");
+    assert!(server.wait_exit(std::time::Duration::from_secs(60)), "the test hook aborted the daemon");
+    server.set_env("SLIPWAY_TEST_CRASH_AT", None);
+    server.restart();
+    (old, new)
+}
+
+#[test]
+fn a_crash_right_after_the_switch_rolls_back_to_what_the_repo_names() {
+    let mut server = TestServer::start();
+    let repo = AppRepo::hello("old");
+    let (old, _new) = crash_during_push(&mut server, &repo, "crashback", "after-switch");
+    // git never took the push: the repo names the old commit, so the
+    // store goes back to it and everything else follows.
+    assert_agree(&server, "crashback", &old, "old world\n");
+    let detail = reconcile_event(&server, "crashback");
+    assert!(detail.contains("rolled back to v1"), "{detail}");
+    // A later deploy of the branch does not bring back anything else.
+    server.ok(&["deploy", "crashback"]);
+    assert_agree(&server, "crashback", &old, "old world\n");
+    // And the push, tried again, deploys.
+    repo.deploy(&server, "crashback");
+    assert_eq!(server.get("crashback", "/").1, "new world\n");
+    // Tagged once git has ended, just after the push returns.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while server_ref(&server, "crashback", "refs/tags/LIVE") != repo.head() {
+        assert!(std::time::Instant::now() < deadline, "LIVE never moved to the new push");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_crash_after_git_took_the_push_rolls_forward_to_it() {
+    let mut server = TestServer::start();
+    let repo = AppRepo::hello("old");
+    let (_old, new) = crash_during_push(&mut server, &repo, "crashfwd", "before-tag");
+    // git moved main before the crash: the new release stands, and the
+    // tags catch up with it.
+    assert_agree(&server, "crashfwd", &new, "new world\n");
+    let detail = reconcile_event(&server, "crashfwd");
+    assert!(detail.contains("rolled forward to v2"), "{detail}");
+    server.ok(&["deploy", "crashfwd"]);
+    assert_agree(&server, "crashfwd", &new, "new world\n");
+}
+
+// ---- integrity track (issue 10 #4): a full disk mid-deploy ----
+
+/// A tmpfs mounted over a path for one test; unmounted (lazily: the
+/// server may still hold it) when dropped.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(path: &std::path::Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(path).expect("mount point");
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0711"), "tmpfs"])
+            .arg(path)
+            .output()
+            .expect("mount");
+        assert!(out.status.success(), "mount tmpfs: {}", String::from_utf8_lossy(&out.stderr));
+        Tmpfs(path.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// Processes whose working directory is inside `dir`.
+fn processes_in(dir: &std::path::Path) -> Vec<i32> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()))
+        .filter(|pid| std::fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|c| c.starts_with(dir)))
+        .collect()
+}
+
+#[test]
+fn a_disk_filled_during_the_release_phase_fails_the_deploy_and_changes_nothing() {
+    let mut server = TestServer::start();
+    assert!(server.stop(), "server stops");
+    // The data dir on a small file system of its own, fresh.
+    let _fs = Tmpfs::mount(&server.data(), "200M");
+    server.set_env("SLIPWAY_MIN_FREE_SPACE", Some("8M"));
+    server.restart();
+    let repo = AppRepo::hello("old");
+    repo.deploy(&server, "full");
+    let pids = server.pids("full");
+    let releases_before = server.json(&["releases", "full", "--json"]);
+
+    // The release phase fills the disk, and succeeds.
+    repo.write("app.py", &hello_app("new"));
+    repo.write("Procfile", "web: gunicorn app:app --bind 127.0.0.1:$PORT --workers 1\nrelease: dd if=/dev/zero of=$SLIPWAY_DATA_DIR/fill bs=1M 2>/dev/null; true\n");
+    repo.commit("fills the disk");
+    let out = repo.deploy_rejected(&server, "full");
+    assert!(out.contains("disk is full"), "the refusal says why: {out}");
+    // The old release serves, from the same processes; nothing of v2 runs
+    // or stays (no tree, no pending record).
+    assert_eq!(server.get("full", "/").1, "old world\n");
+    assert_eq!(server.pids("full"), pids);
+    let v2 = server.data().join("apps/full/releases/v2");
+    assert!(!v2.exists(), "the failed release's tree is removed");
+    assert_eq!(processes_in(&v2), Vec::<i32>::new(), "no process runs in the failed release");
+    // History is honest (issue 15): the failed release stays on record as
+    // `failed`, saying why; everything before it is as it was.
+    let after = server.json(&["releases", "full", "--json"]);
+    assert_eq!(after[0]["status"], "failed", "{after}");
+    assert!(after[0]["description"].as_str().unwrap_or_default().contains("disk is full"), "{after}");
+    assert_eq!(after.as_array().map(|a| a[1..].to_vec()), releases_before.as_array().cloned(), "live unchanged");
+
+    // While the disk is full, a deploy does not start, and says why.
+    let out = repo.deploy_rejected(&server, "full");
+    assert!(out.contains("free on the server's data disk"), "{out}");
+    assert_eq!(server.get("full", "/").1, "old world\n");
+
+    // Space freed: the same push deploys.
+    std::fs::remove_file(server.data().join("apps/full/data/fill")).expect("remove fill");
+    repo.write("Procfile", "web: gunicorn app:app --bind 127.0.0.1:$PORT --workers 1\n");
+    repo.commit("no fill");
+    repo.deploy(&server, "full");
+    assert_eq!(server.get("full", "/").1, "new world\n");
+    server.stop();
+}
+
+// integrity track (issue 10, low): concurrent first pushes to a new app
+// do not race in creating its repo (once HTTP 500 "could not lock config
+// file"): one deploys, the others are refused with a reason, none fails.
+#[test]
+fn concurrent_first_pushes_to_a_new_app_do_not_race_in_repo_creation() {
+    let server = TestServer::start();
+    let repos: Vec<AppRepo> = (0..4).map(|i| AppRepo::hello(&format!("racer{i}"))).collect();
+    let url = server.git_url("firstrace");
+    let results: Vec<(bool, String)> = std::thread::scope(|s| {
+        let handles: Vec<_> = repos.iter().map(|r| s.spawn(|| r.push(&url, "main"))).collect();
+        handles.into_iter().map(|h| h.join().expect("push thread")).collect()
+    });
+    for (_, out) in &results {
+        // git says "HTTP 500" / "returned error: 500"; a bare "500" would
+        // match a commit hash (it did: e68be500).
+        let server_error = out.contains("HTTP 500") || out.contains("error: 500");
+        assert!(!out.contains("could not lock") && !server_error, "a push hit the race:\n{out}");
+    }
+    let won: Vec<usize> = results.iter().enumerate().filter(|(_, (ok, _))| *ok).map(|(i, _)| i).collect();
+    assert!(!won.is_empty(), "no push deployed: {results:?}");
+    for (ok, out) in &results {
+        if !ok {
+            assert!(out.contains("[remote rejected]") || out.contains("[rejected]"), "a refusal with a reason:\n{out}");
+        }
+    }
+    let body = server.get("firstrace", "/").1;
+    assert!(won.iter().any(|i| body == format!("racer{i} world\n")), "serves a pushed app: {body:?}");
 }

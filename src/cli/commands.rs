@@ -9,30 +9,126 @@ use http_body_util::BodyExt;
 use hyper::Method;
 use serde_json::{json, Value};
 
-use super::{out, AppsCmd, Cli, Command, ConfigCmd, DomainsCmd, KeysCmd, TokensCmd, WebhookCmd};
+use super::context::{self, ClientConfig, ServerContext};
+use super::{out, AppsCmd, CertsCmd, Cli, Command, ConfigCmd, DomainsCmd, KeysCmd, RemoteCmd, TokensCmd, WebhookCmd};
 use crate::client::Endpoint;
 
 /// Run a client subcommand; returns the process exit code.
 pub async fn dispatch(cli: Cli) -> Result<i32> {
+    if let Some(ca) = &cli.ca_file {
+        crate::client::set_ca_file(ca.clone());
+    }
+    // The two that need no server: generated from the same definitions
+    // as the parser, so they never drift from it.
+    match &cli.command {
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            let mut buf = Vec::new();
+            clap_complete::generate(*shell, &mut cmd, "slipway", &mut buf);
+            std::io::stdout().write_all(&buf)?;
+            return Ok(0);
+        }
+        Command::Man => {
+            let mut buf = Vec::new();
+            clap_mangen::Man::new(<Cli as clap::CommandFactory>::command()).render(&mut buf).context("rendering the man page")?;
+            std::io::stdout().write_all(&buf)?;
+            return Ok(0);
+        }
+        Command::Credential { operation, context } => return context::credential_helper(operation, context),
+        Command::Login { url, name } => {
+            let token = match std::env::var("SLIPWAY_TOKEN").ok().filter(|t| !t.trim().is_empty()) {
+                Some(t) => t,
+                None => {
+                    eprint!("API token for {url} (slipway tokens create NAME): ");
+                    let mut line = String::new();
+                    std::io::stdin().read_line(&mut line).context("reading the token from stdin")?;
+                    line
+                }
+            };
+            let token = token.trim().to_string();
+            let api = Endpoint::tcp(url, &token)?;
+            api.json(Method::GET, "/api/apps", None).await.with_context(|| format!("checking the token against {url}"))?;
+            let name = name.clone().unwrap_or_else(|| context::default_name(url));
+            crate::names::check_label(&name).map_err(|e| anyhow!("context name: {e}"))?;
+            let mut config = ClientConfig::load()?;
+            config.contexts.insert(name.clone(), ServerContext { url: url.trim_end_matches('/').to_string(), token });
+            config.current = Some(name.clone());
+            let path = config.save()?;
+            out(&format!("logged in to {url}: context {name} is current ({})", path.display()));
+            return Ok(0);
+        }
+        Command::Remote(RemoteCmd::Add { app, ssh, name }) => {
+            let mut config = ClientConfig::load()?;
+            // The credential helper finds the token by context: a server
+            // given by SLIPWAY_URL becomes one.
+            let (ctx_name, ctx) = match std::env::var("SLIPWAY_URL").ok().filter(|u| !u.is_empty()) {
+                Some(url) => {
+                    let token = std::env::var("SLIPWAY_TOKEN").ok().filter(|t| !t.trim().is_empty()).ok_or_else(|| anyhow!("SLIPWAY_URL is set but SLIPWAY_TOKEN is not"))?;
+                    let name = context::default_name(&url);
+                    let ctx = ServerContext { url: url.trim_end_matches('/').to_string(), token: token.trim().to_string() };
+                    config.contexts.insert(name.clone(), ctx.clone());
+                    config.save()?;
+                    (name, ctx)
+                }
+                None => config.selected(None)?.ok_or_else(|| anyhow!("remote add needs a server: `slipway login URL` first"))?,
+            };
+            let api = Endpoint::tcp(&ctx.url, &ctx.token)?;
+            let v = api.json(Method::GET, &format!("/api/apps/{}", seg(app)), None).await?;
+            let (http, ssh_url) = remotes(&api, app, &v);
+            let ssh_url = ssh_url.starts_with("ssh://").then_some(ssh_url);
+            let url = super::remote::add(app, &http, ssh_url.as_deref(), *ssh, name, &ctx_name)?;
+            out(&format!("remote {name} → {url}; push with: git push {name} main"));
+            return Ok(0);
+        }
+        _ => {}
+    }
     let api = Endpoint::from_env()?;
     let progress = |l: &str| out(l);
     match cli.command {
-        Command::Server(_) | Command::Hook { .. } => bail!("internal error: server and hook are not client commands"),
+        Command::Server(_)
+        | Command::Hook { .. }
+        | Command::Completions { .. }
+        | Command::Man
+        | Command::Credential { .. }
+        | Command::Login { .. }
+        | Command::Remote(_)
+        | Command::Images(_)
+        | Command::Restore { .. }
+        | Command::ContainerShim => {
+            bail!("internal error: not a client command")
+        }
         Command::Apps(AppsCmd::Create { app }) => {
             let v = api.json(Method::POST, "/api/apps", Some(&json!({ "name": app }))).await?;
-            out(&format!("created {} — push to it: git push <remote> main; served at {}", app, s(&v["url"])));
+            out(&format!("created {app}, served at {}", s(&v["url"])));
+            let (http, ssh) = remotes(&api, &app, &v);
+            out(&format!("push to it:  git push {http} main"));
+            out(&format!("   or SSH:   git push {ssh} main   (with a key added by `slipway keys add`)"));
         }
         Command::Apps(AppsCmd::List { json }) => {
             let v = api.json(Method::GET, "/api/apps", None).await?;
             table(&v, json, &[("name", "APP"), ("release", "RELEASE"), ("processes", "PROCS"), ("url", "URL")]);
         }
         Command::Apps(AppsCmd::Info { app, json }) => {
-            let v = api.json(Method::GET, &format!("/api/apps/{}", seg(&app)), None).await?;
+            let mut v = api.json(Method::GET, &format!("/api/apps/{}", seg(&app)), None).await?;
+            let (http, ssh) = remotes(&api, &app, &v);
+            v["git_http"] = json!(http);
+            v["git_ssh"] = json!(ssh);
             if json {
                 out(&v.to_string());
-            } else if let Some(obj) = v.as_object() {
-                for (k, val) in obj {
-                    out(&format!("{k:<12} {}", s(val)));
+            } else {
+                for (label, key) in [
+                    ("app", "name"),
+                    ("state", "state"),
+                    ("url", "url"),
+                    ("release", "release"),
+                    ("commit", "commit"),
+                    ("processes", "processes"),
+                    ("git (http)", "git_http"),
+                    ("git (ssh)", "git_ssh"),
+                    ("domains", "domains"),
+                    ("config", "config_keys"),
+                ] {
+                    out(&format!("{label:<12} {}", s(&v[key])));
                 }
             }
         }
@@ -41,10 +137,15 @@ pub async fn dispatch(cli: Cli) -> Result<i32> {
             api.json(Method::DELETE, &format!("/api/apps/{}?confirm={}", seg(&app), seg(&confirm)), None).await?;
             out(&format!("destroyed {app}"));
         }
-        Command::Config(ConfigCmd::Show { app, json }) => {
+        Command::Config(ConfigCmd::Show { app, json, shell }) => {
             let v = api.json(Method::GET, &format!("/api/apps/{}/config", seg(&app)), None).await?;
             if json {
                 out(&v.to_string());
+            } else if shell {
+                // Keys are validated names; values are quoted whole.
+                for (k, val) in v.as_object().into_iter().flatten() {
+                    out(&format!("export {k}={}", crate::build::shell_quote(val.as_str().unwrap_or_default())));
+                }
             } else if let Some(obj) = v.as_object() {
                 for (k, val) in obj {
                     out(&format!("{k}={}", s(val)));
@@ -58,13 +159,14 @@ pub async fn dispatch(cli: Cli) -> Result<i32> {
                 None => bail!("{app} has no config key {key}"),
             }
         }
-        Command::Config(ConfigCmd::Set { app, pairs }) => {
+        Command::Config(ConfigCmd::Set { app, pairs, no_restart }) => {
             let mut set = BTreeMap::new();
             for p in pairs {
-                let (k, v) = p.split_once('=').ok_or_else(|| anyhow!("expected KEY=VALUE, got {p:?}"))?;
+                // The value is never echoed: it may be a secret.
+                let (k, v) = p.split_once('=').ok_or_else(|| anyhow!("expected KEY=VALUE, got {:?}", p.split('=').next().unwrap_or_default()))?;
                 set.insert(k.to_string(), v.to_string());
             }
-            let body = json!({ "set": set });
+            let body = json!({ "set": set, "no_restart": no_restart });
             let v = api.operation(Method::POST, &format!("/api/apps/{}/config", seg(&app)), Some(&body), progress).await?;
             config_done(&app, &v);
         }
@@ -119,6 +221,14 @@ pub async fn dispatch(cli: Cli) -> Result<i32> {
                     }
                 }
             }
+            if !json {
+                // A collected release is history only: its code must be rebuilt.
+                for r in v.as_array_mut().into_iter().flatten() {
+                    if r["collected"] == json!(true) {
+                        r["status"] = json!(format!("{} (code collected)", s(&r["status"])));
+                    }
+                }
+            }
             table(&v, json, &[("live", ""), ("version", "RELEASE"), ("commit", "COMMIT"), ("status", "STATUS"), ("actor", "BY"), ("created_at", "WHEN"), ("description", "DESCRIPTION")]);
         }
         Command::Rollback { app, release } => {
@@ -129,10 +239,26 @@ pub async fn dispatch(cli: Cli) -> Result<i32> {
             let body = json!({ "ref": git_ref });
             api.operation(Method::POST, &format!("/api/apps/{}/deploy", seg(&app)), Some(&body), progress).await?;
         }
-        Command::Logs { app, follow, ptype, n } => {
+        Command::Logs { app, deploy: Some(version), .. } => {
+            let (status, body) = api.send(Method::GET, &format!("/api/apps/{}/releases/{}/output", seg(&app), seg(&version)), None).await?;
+            let b = body.collect().await?.to_bytes();
+            if !status.is_success() {
+                let v: Value = serde_json::from_slice(&b).unwrap_or(Value::Null);
+                bail!("{}", v.get("error").and_then(Value::as_str).unwrap_or("no deploy output"));
+            }
+            std::io::stdout().write_all(&b)?;
+        }
+        Command::Logs { app, follow, ptype, n, since, grep, deploy: None } => {
             let mut path = format!("/api/apps/{}/logs?n={n}&follow={follow}", seg(&app));
             if let Some(t) = ptype {
+                warn_unknown_type(&api, &app, &t).await;
                 path.push_str(&format!("&type={}", seg(&t)));
+            }
+            if let Some(d) = since {
+                path.push_str(&format!("&since={}", std::time::Duration::from(d).as_secs().max(1)));
+            }
+            if let Some(g) = grep {
+                path.push_str(&format!("&grep={}", seg(&g)));
             }
             let (status, mut body) = api.send(Method::GET, &path, None).await?;
             if !status.is_success() {
@@ -141,36 +267,76 @@ pub async fn dispatch(cli: Cli) -> Result<i32> {
                 bail!("{}", v.get("error").and_then(Value::as_str).unwrap_or("logs failed"));
             }
             let mut stdout = std::io::stdout();
+            // App output: its control sequences are shown, not obeyed.
+            let mut printable = super::printable::Printable::new();
             while let Some(frame) = body.frame().await {
                 if let Some(d) = frame.context("reading logs")?.data_ref() {
-                    stdout.write_all(d)?;
+                    stdout.write_all(&printable.filter(d))?;
                     stdout.flush()?;
                 }
             }
+            stdout.write_all(&printable.finish())?;
         }
-        Command::Run { app, command } => {
-            let line = command.iter().map(|a| crate::build::shell_quote(a)).collect::<Vec<_>>().join(" ");
-            let v = api
-                .operation(Method::POST, &format!("/api/apps/{}/run", seg(&app)), Some(&json!({ "command": line })), out)
-                .await?;
-            return Ok(v["exit_code"].as_i64().unwrap_or(1) as i32);
+        Command::Run { app, tty, command } => {
+            let line = command.iter().map(|a| quote_word(a)).collect::<Vec<_>>().join(" ");
+            // `ssh -t git@HOST run APP -- bash`: the SSH client asked for
+            // the terminal this command now runs on.
+            let tty = tty || (std::env::var_os("SLIPWAY_SSH_SESSION").is_some() && std::io::IsTerminal::is_terminal(&std::io::stdin()));
+            let io = api.upgrade(&format!("/api/apps/{}/attach", seg(&app)), crate::oneoff::UPGRADE).await?;
+            return crate::oneoff::attach(io, line, tty).await;
         }
         Command::Promote { app, to } => {
             let body = json!({ "to": to });
             api.operation(Method::POST, &format!("/api/apps/{}/promote", seg(&app)), Some(&body), progress).await?;
         }
         Command::Webhook(WebhookCmd::Set { app, url }) => {
-            api.json(Method::PUT, &format!("/api/apps/{}/webhook", seg(&app)), Some(&json!({ "url": url }))).await?;
+            let v = api.json(Method::PUT, &format!("/api/apps/{}/webhook", seg(&app)), Some(&json!({ "url": url }))).await?;
             out(&format!("{app} notifies {url} of every deploy"));
+            out(&format!("signed: {}: sha256=HMAC-SHA256(secret, body), secret {}", s(&v["signature_header"]), s(&v["secret"])));
         }
         Command::Webhook(WebhookCmd::Show { app }) => {
             let v = api.json(Method::GET, &format!("/api/apps/{}/webhook", seg(&app)), None).await?;
-            out(&s(&v["url"]));
+            out(&format!("url     {}", s(&v["url"])));
+            out(&format!("secret  {}", s(&v["secret"])));
+        }
+        Command::Webhook(WebhookCmd::Test { app }) => {
+            let v = api.json(Method::POST, &format!("/api/apps/{}/webhook/test", seg(&app)), None).await?;
+            out(&format!("delivered to {}: {}", s(&v["url"]), s(&v["status"])));
         }
         Command::Webhook(WebhookCmd::Unset { app }) => {
             api.json(Method::DELETE, &format!("/api/apps/{}/webhook", seg(&app)), None).await?;
             out(&format!("{app} has no webhook"));
         }
+        // tls track: certificates.
+        Command::Certs { cmd: Some(CertsCmd::Add { app, cert, key }), .. } => {
+            let read = |p: &std::path::Path| std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()));
+            let body = json!({ "cert": read(&cert)?, "key": read(&key)? });
+            let v = api.json(Method::POST, &format!("/api/apps/{}/certs", seg(&app)), Some(&body)).await?;
+            let hosts: Vec<String> = v["hosts"].as_array().into_iter().flatten().map(s).collect();
+            out(&format!("{app} now serves your certificate for {}", hosts.join(", ")));
+        }
+        Command::Certs { cmd: Some(CertsCmd::Ca), .. } => {
+            let v = api.json(Method::GET, "/api/certs/ca", None).await?;
+            out(s(&v["pem"]).trim_end());
+        }
+        Command::Certs { cmd: Some(CertsCmd::Redirect { app, state }), .. } => {
+            let body = json!({ "redirect": state == "on" });
+            api.json(Method::PUT, &format!("/api/apps/{}/certs/redirect", seg(&app)), Some(&body)).await?;
+            out(&format!("plain HTTP redirect for {app}: {state}"));
+        }
+        Command::Certs { app: Some(app), json, cmd: None } => {
+            let v = api.json(Method::GET, &format!("/api/apps/{}/certs", seg(&app)), None).await?;
+            if json {
+                out(&v.to_string());
+            } else {
+                table(
+                    &v["hosts"],
+                    false,
+                    &[("host", "HOST"), ("state", "STATE"), ("source", "SOURCE"), ("issuer", "ISSUER"), ("not_after", "EXPIRES"), ("last_error", "LAST ERROR")],
+                );
+            }
+        }
+        Command::Certs { app: None, cmd: None, .. } => bail!("usage: slipway certs APP | certs add APP --cert FILE --key FILE | certs ca"),
         Command::Domains(DomainsCmd::Add { app, host }) => {
             api.json(Method::POST, &format!("/api/apps/{}/domains", seg(&app)), Some(&json!({ "host": host }))).await?;
             out(&format!("{host} now routes to {app}"));
@@ -209,6 +375,8 @@ pub async fn dispatch(cli: Cli) -> Result<i32> {
             api.json(Method::DELETE, &format!("/api/keys/{}", seg(&name)), None).await?;
             out(&format!("removed key {name}"));
         }
+        // backup track (issue 14 #6)
+        Command::Backup { file } => backup(&api, &file).await?,
         Command::Tokens(TokensCmd::Create { name, app }) => {
             let v = api.json(Method::POST, "/api/tokens", Some(&json!({ "name": name, "app": app }))).await?;
             out(&s(&v["token"]));
@@ -221,11 +389,14 @@ pub async fn dispatch(cli: Cli) -> Result<i32> {
             api.json(Method::DELETE, &format!("/api/tokens/{}", seg(&name)), None).await?;
             out(&format!("revoked {name}"));
         }
-        Command::Events { app, json } => {
-            let path = match app {
-                Some(a) => format!("/api/events?app={}", seg(&a)),
-                None => "/api/events".into(),
-            };
+        Command::Events { app, json, n, since } => {
+            let mut path = format!("/api/events?n={n}");
+            if let Some(a) = app {
+                path.push_str(&format!("&app={}", seg(&a)));
+            }
+            if let Some(d) = since {
+                path.push_str(&format!("&since={}", std::time::Duration::from(d).as_secs().max(1)));
+            }
             let v = api.json(Method::GET, &path, None).await?;
             table(&v, json, &[("at", "WHEN"), ("app", "APP"), ("actor", "WHO"), ("action", "ACTION"), ("detail", "DETAIL"), ("outcome", "OUTCOME")]);
         }
@@ -275,6 +446,25 @@ pub async fn hook(name: &str) -> Result<i32> {
     }
 }
 
+/// Line sources that are not process types: the pipeline's own lines, the
+/// proxy's access lines, slipway's notes.
+const LOG_SOURCES: [&str; 3] = ["deploy", "router", "slipway"];
+
+/// `--type` names nothing the app runs: say so (the filter still applies,
+/// as the type may come back with the next release).
+async fn warn_unknown_type(api: &Endpoint, app: &str, ptype: &str) {
+    if LOG_SOURCES.contains(&ptype) {
+        return;
+    }
+    let Ok(v) = api.json(Method::GET, &format!("/api/apps/{}/ps", seg(app)), None).await else { return };
+    let mut types: Vec<String> = v.as_array().into_iter().flatten().filter_map(|r| r["type"].as_str().map(str::to_string)).collect();
+    types.dedup();
+    if !types.iter().any(|t| t == ptype) {
+        let known = types.iter().map(String::as_str).chain(LOG_SOURCES).collect::<Vec<_>>().join(", ");
+        eprintln!("warning: {app} runs no process of type {ptype:?} (known: {known}); showing nothing may be right");
+    }
+}
+
 async fn scale(api: &Endpoint, app: &str, counts: &[String]) -> Result<()> {
     let mut body = BTreeMap::new();
     for c in counts {
@@ -289,7 +479,41 @@ async fn scale(api: &Endpoint, app: &str, counts: &[String]) -> Result<()> {
 fn config_done(app: &str, v: &Value) {
     match v.get("release").and_then(Value::as_str) {
         Some(r) => out(&format!("{app} config updated: {r} is live")),
-        None => out(&format!("{app} config updated (takes effect at the next deploy)")),
+        None if v["unchanged"] == json!(true) => out(&format!("{app} config unchanged: no new release")),
+        None => out(&format!("{app} config stored (takes effect at the next deploy)")),
+    }
+}
+
+/// The app's git remotes, HTTP and SSH, as this client reaches the server:
+/// its host from SLIPWAY_URL (or the server's API address through the
+/// socket), the paths and the SSH port from the server. The token is
+/// never part of the URL: git asks for it (any user name, the token as
+/// password), or a credential helper answers.
+fn remotes(api: &Endpoint, app: &str, v: &Value) -> (String, String) {
+    let authority = match api {
+        Endpoint::Tcp { authority, .. } => authority.clone(),
+        Endpoint::Socket(_) => v["api_addr"].as_str().unwrap_or("localhost:7070").to_string(),
+    };
+    let host = match authority.rsplit_once(':') {
+        Some((h, _)) if !h.is_empty() => h.to_string(),
+        _ => authority.clone(),
+    };
+    let host = if host == "0.0.0.0" || host == "[::]" { "localhost".to_string() } else { host };
+    let http = format!("{}://{authority}/git/{app}.git", api.scheme());
+    let ssh = match v["ssh_port"].as_u64() {
+        Some(port) => format!("ssh://git@{host}:{port}/{app}.git"),
+        None => "(SSH not served)".to_string(),
+    };
+    (http, ssh)
+}
+
+/// A word of a command line, quoted only when the shell needs it, so the
+/// event log shows `python manage.py shell` as it was typed.
+fn quote_word(w: &str) -> String {
+    if !w.is_empty() && w.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_./=:,@+%".contains(&b)) {
+        w.to_string()
+    } else {
+        crate::build::shell_quote(w)
     }
 }
 
@@ -315,36 +539,55 @@ fn s(v: &Value) -> String {
     }
 }
 
-/// Print rows as an aligned table, or the raw JSON with `--json`.
+/// Print rows as a table, or the raw JSON with `--json`. comfy-table
+/// lays it out: on a terminal, long cells (an event's detail, a commit
+/// subject) wrap within the terminal's width instead of running past it.
 fn table(v: &Value, json: bool, cols: &[(&str, &str)]) {
     if json {
         out(&v.to_string());
         return;
     }
-    let rows: Vec<Vec<String>> = v
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|r| cols.iter().map(|(k, _)| s(&r[*k])).collect())
-        .collect();
-    let mut widths: Vec<usize> = cols.iter().map(|(_, h)| h.len()).collect();
-    for r in &rows {
-        for (i, c) in r.iter().enumerate() {
-            widths[i] = widths[i].max(c.chars().count());
+    let mut t = comfy_table::Table::new();
+    t.load_style(comfy_table::presets::NOTHING)
+        .set_content_arrangement(comfy_table::ContentArrangement::Dynamic)
+        .set_header(cols.iter().map(|(_, h)| *h));
+    for r in v.as_array().into_iter().flatten() {
+        t.add_row(cols.iter().map(|(k, _)| s(&r[*k])));
+    }
+    // The preset pads each cell by one space on both sides: trimmed, the
+    // lines read as before (and as `grep`/`awk` expect).
+    for line in t.to_string().lines() {
+        out(line.strip_prefix(' ').unwrap_or(line).trim_end());
+    }
+}
+
+// backup track (issue 14 #6): stream the daemon's snapshot into a
+// temporary file beside FILE, check the whole archive, then rename it:
+// FILE is a complete backup or is not there at all.
+async fn backup(api: &Endpoint, file: &std::path::Path) -> Result<()> {
+    let (status, mut body) = api.send(Method::GET, "/api/backup", None).await?;
+    if !status.is_success() {
+        let bytes = body.collect().await.context("reading response")?.to_bytes();
+        let v: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        bail!("{}", v.get("error").and_then(Value::as_str).map(str::to_string).unwrap_or_else(|| format!("server answered {status}")));
+    }
+    let dir = match file.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => std::path::PathBuf::from("."),
+    };
+    let tmp = tempfile::Builder::new().prefix(".slipway-backup-").tempfile_in(&dir).with_context(|| format!("creating a file in {}", dir.display()))?;
+    let mut w = std::io::BufWriter::new(tmp.as_file());
+    while let Some(frame) = body.frame().await {
+        let frame = frame.context("the backup transfer broke off")?;
+        if let Some(data) = frame.data_ref() {
+            w.write_all(data).with_context(|| format!("writing {}", tmp.path().display()))?;
         }
     }
-    let fmt = |cells: Vec<String>| {
-        cells
-            .iter()
-            .enumerate()
-            .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
-            .collect::<Vec<_>>()
-            .join("  ")
-            .trim_end()
-            .to_string()
-    };
-    out(&fmt(cols.iter().map(|(_, h)| h.to_string()).collect()));
-    for r in rows {
-        out(&fmt(r));
-    }
+    w.flush().with_context(|| format!("writing {}", tmp.path().display()))?;
+    drop(w);
+    tmp.as_file().sync_all().context("syncing the backup")?;
+    let summary = crate::backup::verify(tmp.path()).context("the backup received is not whole")?;
+    tmp.persist(file).with_context(|| format!("writing {}", file.display()))?;
+    out(&format!("backup of {} app{} written to {} ({:.1} MiB)", summary.apps, if summary.apps == 1 { "" } else { "s" }, file.display(), summary.bytes as f64 / 1048576.0));
+    Ok(())
 }

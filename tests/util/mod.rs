@@ -27,23 +27,64 @@ pub struct TestServer {
     pub ssh: String,
     pub token: String,
     args: Vec<String>,
+    envs: Vec<(String, String)>,
+    /// The daemon's RLIMIT_NOFILE (soft and hard), for flood tests.
+    pub nofile: Option<u64>,
+    /// `host:port` of `--https`, when the server was given one.
+    pub https: Option<String>,
+    domain: String,
+    /// upgrade track: the daemon that took over after a hand-over (not our child).
+    successor: Option<i32>,
 }
 
 impl TestServer {
-    pub fn start() -> TestServer {
-        TestServer::start_with(&[])
-    }
-
-    pub fn start_with(extra: &[&str]) -> TestServer {
+    /// One way to make a server; the public constructors name the cases.
+    fn launch(http: &str, domain: &str, extra: &[&str], envs: &[(&str, &str)], nofile: Option<u64>) -> TestServer {
         let dir = tempfile::tempdir().expect("temp dir");
         // Like /var/lib: traversable, so that app users (the daemon runs
         // apps as their own users when it is root) reach their files.
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711)).expect("chmod temp dir");
-        let args: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
-        let mut s = TestServer { child: None, dir, api: String::new(), http: String::new(), ssh: String::new(), token: String::new(), args };
-        s.boot("127.0.0.1:0", "127.0.0.1:0");
+        let mut s = TestServer {
+            child: None,
+            dir,
+            api: String::new(),
+            http: String::new(),
+            ssh: String::new(),
+            token: String::new(),
+            args: extra.iter().map(|s| s.to_string()).collect(),
+            envs: envs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            nofile,
+            https: None,
+            domain: domain.to_string(),
+            successor: None,
+        };
+        s.boot("127.0.0.1:0", http);
         s
+    }
+
+    /// A server whose descriptor limit is `nofile`, so that floods reach it.
+    pub fn start_with_nofile(extra: &[&str], nofile: u64) -> TestServer {
+        TestServer::launch("127.0.0.1:0", "localhost", extra, &[], Some(nofile))
+    }
+
+    pub fn start() -> TestServer {
+        TestServer::start_with(&[])
+    }
+
+    pub fn start_with(extra: &[&str]) -> TestServer {
+        TestServer::start_with_env(extra, &[])
+    }
+
+    /// A server with extra flags and environment variables.
+    pub fn start_with_env(extra: &[&str], envs: &[(&str, &str)]) -> TestServer {
+        TestServer::launch("127.0.0.1:0", "localhost", extra, envs, None)
+    }
+
+    /// On a given `--http` address and `--domain` (ACME validation needs a
+    /// known port and public-looking names).
+    pub fn start_on(http: &str, domain: &str, extra: &[&str]) -> TestServer {
+        TestServer::launch(http, domain, extra, &[], None)
     }
 
     pub fn data(&self) -> PathBuf {
@@ -51,11 +92,26 @@ impl TestServer {
     }
 
     fn boot(&mut self, api: &str, http: &str) {
-        let mut child = Command::new(BIN)
+        let mut cmd = Command::new(BIN);
+        if let Some(n) = self.nofile {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: setrlimit is async-signal-safe; nothing else runs between fork and exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let lim = libc::rlimit { rlim_cur: n, rlim_max: n };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let mut child = cmd
             .args(["server", "--data"])
             .arg(self.data())
-            .args(["--api", api, "--http", http, "--ssh", "127.0.0.1:0", "--domain", "localhost"])
+            .args(["--api", api, "--http", http, "--ssh", "127.0.0.1:0", "--domain", &self.domain])
             .args(&self.args)
+            .envs(self.envs.iter().map(|(k, v)| (k, v)))
             .env("UV_CACHE_DIR", uv_cache())
             .env("SLIPWAY_LOG", "info")
             .stdout(Stdio::piped())
@@ -75,12 +131,40 @@ impl TestServer {
         self.api = field("api", "http");
         self.http = field("http", "http");
         self.ssh = field("ssh", "ssh");
+        self.https = line.split_whitespace().find_map(|f| f.strip_prefix("https=https://")).map(str::to_string);
         self.token = std::fs::read_to_string(self.data().join("admin-token")).expect("admin token").trim().to_string();
         self.child = Some(child);
     }
 
     pub fn pid(&self) -> u32 {
+        // upgrade track: after a hand-over, the daemon that took over.
+        if let Some(pid) = self.successor {
+            return pid as u32;
+        }
         self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    /// upgrade track: SIGUSR2 (hand over to the binary on disk); returns
+    /// once the old daemon has exited, with the new one's pid (from DIR/lock).
+    pub fn upgrade(&mut self) -> i32 {
+        let old = self.pid() as i32;
+        signal(old, libc::SIGUSR2);
+        match self.child.take() {
+            Some(mut child) => {
+                let _ = child.wait();
+            }
+            None => {
+                let deadline = Instant::now() + Duration::from_secs(60);
+                while alive(old) && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        }
+        let pid: i32 = std::fs::read_to_string(self.data().join("lock")).expect("DIR/lock").trim().parse().expect("pid in DIR/lock");
+        assert_ne!(pid, old, "a new daemon took over\n{}", self.server_log());
+        assert!(alive(pid), "the new daemon runs\n{}", self.server_log());
+        self.successor = Some(pid);
+        pid
     }
 
     pub fn server_log(&self) -> String {
@@ -89,6 +173,19 @@ impl TestServer {
 
     /// SIGTERM and wait; returns whether it exited within the time.
     pub fn stop(&mut self) -> bool {
+        // upgrade track: a successor is not our child: signal and watch it.
+        if let Some(pid) = self.successor.take() {
+            signal(pid, libc::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while alive(pid) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            if alive(pid) {
+                signal(pid, libc::SIGKILL);
+                return false;
+            }
+            return true;
+        }
         let Some(mut child) = self.child.take() else { return true };
         signal(child.id() as i32, libc::SIGTERM);
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -105,6 +202,12 @@ impl TestServer {
 
     /// kill -9 the daemon (its apps survive it, as after a crash).
     pub fn kill9(&mut self) {
+        if let Some(pid) = self.successor.take() {
+            signal(pid, libc::SIGKILL);
+            while alive(pid) {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
@@ -115,6 +218,30 @@ impl TestServer {
     pub fn restart(&mut self) {
         let (api, http) = (self.api.clone(), self.http.clone());
         self.boot(&api, &http);
+    }
+
+    // integrity track: change the daemon's environment for the next
+    // `restart` (a test hook such as SLIPWAY_TEST_CRASH_AT on or off).
+    pub fn set_env(&mut self, key: &str, value: Option<&str>) {
+        self.envs.retain(|(k, _)| k != key);
+        if let Some(v) = value {
+            self.envs.push((key.to_string(), v.to_string()));
+        }
+    }
+
+    // integrity track: wait for a daemon that is exiting by itself (a
+    // test hook aborted it) and reap it; false if it is still running.
+    pub fn wait_exit(&mut self, timeout: Duration) -> bool {
+        let Some(child) = self.child.as_mut() else { return true };
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                self.child = None;
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
     }
 
     pub fn ssh_port(&self) -> &str {
@@ -498,5 +625,69 @@ impl SshKey {
         args.extend(["-p".into(), server.ssh_port().into(), "git@127.0.0.1".into()]);
         args.extend(command.iter().map(|s| s.to_string()));
         Command::new("ssh").args(&args).stdin(Stdio::null()).output().expect("ssh")
+    }
+}
+
+/// nginx terminating TLS with a certificate for `localhost` signed by a
+/// private CA (`dir/ca.pem`), in front of a plain-HTTP upstream.
+pub struct Nginx {
+    child: Child,
+    pub port: u16,
+    pub dir: tempfile::TempDir,
+}
+
+impl Nginx {
+    /// nginx terminating TLS on a free port, proxying to `upstream`.
+    pub fn start(upstream: &str) -> Nginx {
+        let dir = tempfile::tempdir().expect("dir");
+        let d = dir.path().display().to_string();
+        // A private CA and a server certificate it signed.
+        let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+        std::fs::write(dir.path().join("ext.cnf"), "subjectAltName=DNS:localhost\nbasicConstraints=CA:FALSE\n").expect("ext");
+        for args in [
+            vec!["req", "-x509", "-days", "1", "-subj", "/CN=slipway test CA", "-keyout", "ca-key.pem", "-out", "ca.pem"],
+            vec!["req", "-subj", "/CN=localhost", "-keyout", "key.pem", "-out", "leaf.csr"],
+        ] {
+            let (head, tail) = args.split_at(1);
+            let out = Command::new("openssl").args(head).args(ec).args(tail).current_dir(dir.path()).output().expect("openssl");
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        }
+        let out = Command::new("openssl")
+            .args(["x509", "-req", "-in", "leaf.csr", "-CA", "ca.pem", "-CAkey", "ca-key.pem", "-CAcreateserial", "-days", "1", "-out", "cert.pem", "-extfile", "ext.cnf"])
+            .current_dir(dir.path())
+            .output()
+            .expect("openssl");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let port = std::net::TcpListener::bind("127.0.0.1:0").expect("port").local_addr().expect("addr").port();
+        let conf = format!(
+            "daemon off; master_process off; pid {d}/nginx.pid; error_log {d}/error.log;\n\
+             events {{}}\n\
+             http {{ access_log off; client_body_temp_path {d}/t1; proxy_temp_path {d}/t2; fastcgi_temp_path {d}/t3; uwsgi_temp_path {d}/t4; scgi_temp_path {d}/t5;\n\
+               server {{ listen 127.0.0.1:{port} ssl; ssl_certificate {d}/cert.pem; ssl_certificate_key {d}/key.pem;\n\
+                 location / {{ proxy_pass http://{upstream}; proxy_http_version 1.1; proxy_buffering off; proxy_request_buffering off;\n\
+                   proxy_read_timeout 300s; proxy_set_header Host $http_host; proxy_set_header Upgrade $http_upgrade; proxy_set_header Connection $http_connection; }} }} }}\n"
+        );
+        std::fs::write(dir.path().join("nginx.conf"), conf).expect("conf");
+        let child = Command::new("nginx")
+            .arg("-c")
+            .arg(dir.path().join("nginx.conf"))
+            .args(["-p", &d, "-e", &format!("{d}/error.log")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nginx");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "nginx did not listen: {}", std::fs::read_to_string(dir.path().join("error.log")).unwrap_or_default());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Nginx { child, port, dir }
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }

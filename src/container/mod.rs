@@ -1,0 +1,209 @@
+//! The container engine, reached through its API (bollard), never by
+//! running the `docker` client: images (imported base images, app images
+//! built from a context that holds only their inputs) and the clean-up of
+//! what slipway left in the engine, found by label.
+//!
+//! What runs in a container, and how it is supervised, is `runtime`'s
+//! business (`runtime::container`); this module knows the engine and the
+//! image inputs, not processes.
+
+pub mod base;
+pub mod inputs;
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use anyhow::{anyhow, Context, Result};
+use bollard::query_parameters::{
+    BuildImageOptionsBuilder, ListContainersOptionsBuilder, ListImagesOptionsBuilder,
+    RemoveContainerOptionsBuilder, RemoveImageOptionsBuilder,
+};
+use bollard::Docker;
+use futures_util::StreamExt;
+use sha2::{Digest, Sha256};
+
+use crate::progress::Progress;
+
+/// Labels on everything slipway creates in the engine. `server` names the
+/// daemon (its data directory), so two daemons on one engine never touch
+/// each other's containers.
+pub const LABEL_APP: &str = "slipway.app";
+pub const LABEL_RELEASE: &str = "slipway.release";
+pub const LABEL_TYPE: &str = "slipway.type";
+pub const LABEL_INDEX: &str = "slipway.index";
+pub const LABEL_SERVER: &str = "slipway.server";
+/// On app images: the hash of each input, so the next push can say which
+/// input changed.
+pub const LABEL_INPUTS: &str = "slipway.inputs";
+/// On base images `slipway images import-base` made.
+pub const LABEL_BASE: &str = "slipway.base";
+
+/// A connection to the engine, with the API version negotiated (the engine
+/// here speaks 1.41; bollard defaults to a newer one).
+#[derive(Clone)]
+pub struct Engine {
+    docker: Docker,
+}
+
+/// The identity of the daemon whose data directory is `root`, for labels.
+pub fn server_id(root: &Path) -> String {
+    let root = root.canonicalize().unwrap_or_else(|_| root.to_path_buf());
+    hex::encode(&Sha256::digest(root.as_os_str().as_encoded_bytes())[..8])
+}
+
+/// An image the engine holds.
+#[derive(Debug, Clone)]
+pub struct ImageInfo {
+    pub id: String,
+    pub tags: Vec<String>,
+    pub size: u64,
+    pub labels: HashMap<String, String>,
+}
+
+impl Engine {
+    pub async fn connect() -> Result<Engine> {
+        let docker = Docker::connect_with_local_defaults()
+            .context("the docker engine is unreachable (is dockerd running and its socket readable?)")?
+            .negotiate_version()
+            .await
+            .context("the docker engine is unreachable (is dockerd running and its socket readable?)")?;
+        Ok(Engine { docker })
+    }
+
+    pub fn docker(&self) -> &Docker {
+        &self.docker
+    }
+
+    /// The image's id, or `None` when the engine does not hold it.
+    pub async fn image(&self, name: &str) -> Result<Option<ImageInfo>> {
+        match self.docker.inspect_image(name).await {
+            Ok(i) => Ok(Some(ImageInfo {
+                id: i.id.unwrap_or_default(),
+                tags: i.repo_tags.unwrap_or_default(),
+                size: i.size.unwrap_or(0).max(0) as u64,
+                labels: i.config.and_then(|c| c.labels).unwrap_or_default(),
+            })),
+            Err(bollard::errors::Error::DockerResponseServerError { status_code: 404, .. }) => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("inspecting image {name}")),
+        }
+    }
+
+    /// Images carrying `label` (`key` or `key=value`).
+    pub async fn images(&self, label: &str) -> Result<Vec<ImageInfo>> {
+        let filters = HashMap::from([("label", vec![label])]);
+        let list = self
+            .docker
+            .list_images(Some(ListImagesOptionsBuilder::default().filters(&filters).build()))
+            .await
+            .context("listing images")?;
+        Ok(list
+            .into_iter()
+            .map(|i| ImageInfo { id: i.id, tags: i.repo_tags, size: i.size.max(0) as u64, labels: i.labels })
+            .collect())
+    }
+
+    /// Remove an image; an image a container still uses is kept (`false`).
+    pub async fn remove_image(&self, name: &str) -> Result<bool> {
+        match self.docker.remove_image(name, Some(RemoveImageOptionsBuilder::default().build()), None).await {
+            Ok(_) => Ok(true),
+            Err(bollard::errors::Error::DockerResponseServerError { status_code: 409 | 404, .. }) => Ok(false),
+            Err(e) => Err(e).with_context(|| format!("removing image {name}")),
+        }
+    }
+
+    /// Names of the containers (running or not) carrying all of `labels`
+    /// (`key=value`).
+    pub async fn containers(&self, labels: &[String]) -> Result<Vec<String>> {
+        let filters = HashMap::from([("label".to_string(), labels.to_vec())]);
+        let list = self
+            .docker
+            .list_containers(Some(ListContainersOptionsBuilder::default().all(true).filters(&filters).build()))
+            .await
+            .context("listing containers")?;
+        Ok(list.into_iter().filter_map(|c| c.names.and_then(|n| n.into_iter().next())).collect())
+    }
+
+    /// Remove (force) every container carrying all of `labels`
+    /// (`key=value`). Returns how many there were.
+    pub async fn remove_containers(&self, labels: &[String]) -> Result<usize> {
+        let filters = HashMap::from([("label".to_string(), labels.to_vec())]);
+        let list = self
+            .docker
+            .list_containers(Some(ListContainersOptionsBuilder::default().all(true).filters(&filters).build()))
+            .await
+            .context("listing containers")?;
+        let mut n = 0;
+        for c in list {
+            let Some(id) = c.id else { continue };
+            let opts = RemoveContainerOptionsBuilder::default().force(true).build();
+            match self.docker.remove_container(&id, Some(opts)).await {
+                Ok(()) | Err(bollard::errors::Error::DockerResponseServerError { status_code: 404, .. }) => n += 1,
+                Err(e) => return Err(e).with_context(|| format!("removing container {id}")),
+            }
+        }
+        Ok(n)
+    }
+
+    /// Build `tag` from an in-memory tar `context`, streaming the build's
+    /// output to `progress`. Returns the image id.
+    pub async fn build(
+        &self,
+        context: Vec<u8>,
+        dockerfile: &str,
+        tag: &str,
+        labels: &HashMap<String, String>,
+        progress: &Progress,
+    ) -> Result<String> {
+        let opts = BuildImageOptionsBuilder::default()
+            .dockerfile(dockerfile)
+            .t(tag)
+            .rm(true)
+            .forcerm(true)
+            .labels(labels)
+            .build();
+        let mut stream = self.docker.build_image(opts, None, Some(bollard::body_full(context.into())));
+        let mut tail: Vec<String> = Vec::new();
+        while let Some(item) = stream.next().await {
+            match item {
+                Ok(info) => {
+                    if let Some(s) = info.stream {
+                        for line in s.lines().filter(|l| !l.trim().is_empty()) {
+                            progress.output(line);
+                            tail.push(line.to_string());
+                            if tail.len() > 20 {
+                                tail.remove(0);
+                            }
+                        }
+                    }
+                    if let Some(detail) = info.error_detail {
+                        return Err(anyhow!("{}", detail.message.unwrap_or_else(|| "unknown error".into())));
+                    }
+                }
+                Err(bollard::errors::Error::DockerStreamError { error }) => return Err(anyhow!("{error}")),
+                Err(e) => return Err(e).context("building the image"),
+            }
+        }
+        let built = self.image(tag).await?.ok_or_else(|| anyhow!("the build ended without an image; its last output:\n{}", tail.join("\n")))?;
+        Ok(built.id)
+    }
+
+    /// Free bytes on the filesystem that holds the engine's images.
+    pub async fn free_disk(&self) -> Result<u64> {
+        let info = self.docker.info().await.context("asking the engine for its root directory")?;
+        let root = info.docker_root_dir.unwrap_or_else(|| "/var/lib/docker".into());
+        free_bytes(Path::new(&root)).with_context(|| format!("reading free space of {root}"))
+    }
+}
+
+/// Free bytes (for unprivileged users) of the filesystem holding `path`.
+pub fn free_bytes(path: &Path) -> std::io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
+    // SAFETY: statvfs writes into the zeroed struct we pass; `c` is a valid
+    // NUL-terminated path for the duration of the call.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(st.f_bavail as u64 * st.f_frsize as u64)
+}

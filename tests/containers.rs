@@ -1,0 +1,268 @@
+//! Apps in containers (issue 11): a real Docker engine, images built here
+//! from the base `slipway images import-base` imports, real pushes, real
+//! HTTP through the proxy. Slow (image builds): they run when
+//! SLIPWAY_SLOW_TESTS=1 (CI sets it), and say so when skipped. Every
+//! container a test's daemon made is removed by its label at the end.
+
+mod util;
+
+use std::time::Duration;
+
+use slipway::container::{server_id, Engine, LABEL_APP, LABEL_SERVER};
+use util::*;
+
+fn slow_tests_enabled(name: &str) -> bool {
+    let on = std::env::var("SLIPWAY_SLOW_TESTS").is_ok_and(|v| v == "1");
+    if !on {
+        eprintln!("skipping {name}: set SLIPWAY_SLOW_TESTS=1 to run it");
+    }
+    on
+}
+
+/// The base image, imported once (cached by tag: later calls return at
+/// once).
+fn ensure_base() {
+    let out = std::process::Command::new(BIN).args(["images", "import-base"]).output().expect("run import-base");
+    assert!(
+        out.status.success(),
+        "import-base failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn block_on<T>(f: impl std::future::Future<Output = T>) -> T {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime").block_on(f)
+}
+
+/// The containers this test's daemon has in the engine.
+fn containers_of(server: &ContainerServer) -> Vec<String> {
+    let label = format!("{LABEL_SERVER}={}", server_id(&server.data()));
+    block_on(async { Engine::connect().await.expect("engine").containers(&[label]).await.expect("list") })
+}
+
+/// A daemon whose containers and app images are removed (by label)
+/// when the test ends, whatever happened: the daemon stops first, then
+/// whatever is left goes.
+struct ContainerServer {
+    server: TestServer,
+    apps: Vec<&'static str>,
+}
+
+impl ContainerServer {
+    fn start(apps: &[&'static str]) -> ContainerServer {
+        ContainerServer { server: TestServer::start(), apps: apps.to_vec() }
+    }
+}
+
+impl std::ops::Deref for ContainerServer {
+    type Target = TestServer;
+    fn deref(&self) -> &TestServer {
+        &self.server
+    }
+}
+
+impl std::ops::DerefMut for ContainerServer {
+    fn deref_mut(&mut self) -> &mut TestServer {
+        &mut self.server
+    }
+}
+
+impl Drop for ContainerServer {
+    fn drop(&mut self) {
+        self.server.stop();
+        let id = server_id(&self.server.data());
+        let label = format!("{LABEL_SERVER}={id}");
+        let apps = self.apps.clone();
+        block_on(async move {
+            let Ok(engine) = Engine::connect().await else { return };
+            let _ = engine.remove_containers(&[label]).await;
+            for app in apps {
+                for img in engine.images(&format!("{LABEL_APP}={app}")).await.unwrap_or_default() {
+                    if img.labels.get(LABEL_SERVER) == Some(&id) {
+                        for t in img.tags {
+                            let _ = engine.remove_image(&t).await;
+                        }
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// A WSGI app that says what it sees: whether it is in a container, its
+/// uid, whether the root filesystem is writable, and its data dir.
+fn probe_app(text: &str) -> String {
+    format!(
+        "import os\n\
+         def app(environ, start_response):\n\
+         \x20   try:\n\
+         \x20       open('/written-by-app', 'w').close()\n\
+         \x20       root = 'rw'\n\
+         \x20   except OSError:\n\
+         \x20       root = 'ro'\n\
+         \x20   data = os.environ['SLIPWAY_DATA_DIR']\n\
+         \x20   open(os.path.join(data, 'probe'), 'w').write('x')\n\
+         \x20   caps = [l.split()[1] for l in open('/proc/self/status') if l.startswith('CapEff')][0]\n\
+         \x20   where = 'container' if os.path.exists('/.dockerenv') else 'host'\n\
+         \x20   body = f'{text} {{where}} uid={{os.getuid()}} root={{root}} caps={{caps}}\\n'.encode()\n\
+         \x20   start_response('200 OK', [('Content-Type', 'text/plain'), ('Content-Length', str(len(body)))])\n\
+         \x20   return [body]\n"
+    )
+}
+
+const DOCKERFILE: &str = "FROM slipway/python:bookworm\n\
+COPY .slipway/ca.crt /etc/build-ca.crt\n\
+COPY requirements.txt /opt/requirements.txt\n\
+RUN python3 -m venv /opt/venv && SSL_CERT_FILE=/etc/build-ca.crt PIP_CERT=/etc/build-ca.crt /opt/venv/bin/pip install --no-cache-dir -q -r /opt/requirements.txt\n\
+ENV PATH=/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n";
+
+fn dockerfile_app(text: &str, reload: &str) -> AppRepo {
+    AppRepo::new(&[
+        ("Dockerfile", DOCKERFILE),
+        ("requirements.txt", "gunicorn==23.0.0\n"),
+        ("Procfile", "web: gunicorn app:app --bind 0.0.0.0:$PORT --workers 1\n"),
+        ("slipway.toml", &format!("[processes.web]\nreload = \"{reload}\"\n")),
+        ("app.py", &probe_app(text)),
+    ])
+}
+
+#[test]
+fn dockerfile_app_runs_isolated_and_code_pushes_reuse_the_image() {
+    if !slow_tests_enabled("dockerfile_app_runs_isolated_and_code_pushes_reuse_the_image") {
+        return;
+    }
+    ensure_base();
+    let server = ContainerServer::start(&["boxed"]);
+    let repo = dockerfile_app("one", "signal:HUP");
+    let out = repo.deploy(&server, "boxed");
+    assert!(out.contains("container deploy: no image of these inputs yet"), "{out}");
+    let (status, body) = server.get("boxed", "/");
+    assert_eq!(status, 200, "{body}");
+    // In a container, as the app's own uid, read-only root, no capabilities.
+    assert!(body.starts_with("one container uid=2"), "{body}");
+    assert!(body.contains("root=ro"), "{body}");
+    assert!(body.contains("caps=0000000000000000"), "{body}");
+    // The data dir is writable and is the host's.
+    assert!(server.data().join("apps/boxed/data/probe").is_file());
+    assert_eq!(containers_of(&server).len(), 1, "one web container");
+    let info = server.json(&["apps", "info", "boxed", "--json"]);
+    assert!(info["images"].as_str().is_some_and(|s| s.starts_with("1 image, ") && s.contains(" MB")), "{info}");
+
+    // Code only: the image is reused, the code switched under the running
+    // container by HUP.
+    repo.write("app.py", &probe_app("two"));
+    repo.commit("code only");
+    let out = repo.deploy(&server, "boxed");
+    assert!(out.contains("code deploy: image "), "{out}");
+    assert!(out.contains("reused (Dockerfile, requirements.txt, base image unchanged)"), "{out}");
+    assert!(!out.contains("building"), "a code-only push built an image:\n{out}");
+    server.wait_body("boxed", "two container", Duration::from_secs(20));
+
+    // A dependency change: a container deploy, saying why.
+    repo.write("requirements.txt", "gunicorn==23.0.0\n# pinned\n");
+    repo.commit("deps");
+    let (ok, out) = repo.push(&server.git_url("boxed"), "main");
+    assert!(ok, "{out}\napp log:\n{}", server.ok(&["logs", "boxed", "-n", "60"]));
+    assert!(out.contains("container deploy: requirements.txt changed"), "{out}");
+    let (status, body) = server.get("boxed", "/");
+    assert!(body.starts_with("two container"), "{status} {body}\n{out}");
+    assert_eq!(containers_of(&server).len(), 1, "old containers are stopped and removed");
+
+    // Rollback to v1 runs v1's tree in v1's image.
+    let out = server.ok(&["rollback", "boxed", "v1"]);
+    assert!(out.contains("code deploy: image "), "{out}");
+    server.wait_body("boxed", "one container", Duration::from_secs(20));
+}
+
+#[test]
+fn missing_base_image_is_refused_naming_it() {
+    if !slow_tests_enabled("missing_base_image_is_refused_naming_it") {
+        return;
+    }
+    let server = ContainerServer::start(&["nobase"]);
+    let repo = AppRepo::new(&[
+        ("Dockerfile", "FROM example.org/nowhere/python:3.99\n"),
+        ("Procfile", "web: python3 -m http.server $PORT\n"),
+    ]);
+    let out = repo.deploy_rejected(&server, "nobase");
+    assert!(out.contains("base image example.org/nowhere/python:3.99 is not on this server"), "{out}");
+    assert!(out.contains("slipway images import-base"), "{out}");
+    assert!(containers_of(&server).is_empty());
+}
+
+#[test]
+fn failing_image_build_rejects_the_push_and_the_old_containers_keep_serving() {
+    if !slow_tests_enabled("failing_image_build_rejects_the_push_and_the_old_containers_keep_serving") {
+        return;
+    }
+    ensure_base();
+    let server = ContainerServer::start(&["genpy", "genbad"]);
+    // No Dockerfile: `[docker] image = "python"` generates one.
+    let repo = AppRepo::new(&[
+        ("requirements.txt", "gunicorn==23.0.0\n"),
+        ("Procfile", "web: gunicorn app:app --bind 0.0.0.0:$PORT --workers 1\n"),
+        (
+            "slipway.toml",
+            "[docker]\nimage = \"python\"\n\
+             [test]\ncommand = \"test -f /.dockerenv && echo gate in $VIRTUAL_ENV\"\n\
+             [release]\ncommand = \"touch $SLIPWAY_DATA_DIR/released && test ! -w /\"\n",
+        ),
+        ("app.py", &probe_app("generated")),
+    ]);
+    let out = repo.deploy(&server, "genpy");
+    assert!(out.contains("container deploy"), "{out}");
+    // The test gate and the release phase ran in the image, with the data dir mounted.
+    assert!(out.contains("gate in /opt/venv"), "{out}");
+    assert!(server.data().join("apps/genpy/data/released").is_file());
+    assert!(server.get("genpy", "/").1.starts_with("generated container"));
+
+    // A dependency that does not exist: the build fails, nothing changes.
+    repo.write("requirements.txt", "gunicorn==23.0.0\nno-such-package-slipway-test==0.0.1\n");
+    repo.commit("bad dep");
+    let out = repo.deploy_rejected(&server, "genpy");
+    assert!(out.contains("the image build failed"), "{out}");
+    assert!(server.get("genpy", "/").1.starts_with("generated container"));
+    // v2 stays on record as failed (history is whole); v1 is still live.
+    let releases = server.json(&["releases", "genpy", "--json"]);
+    assert_eq!((&releases[0]["version"], &releases[0]["status"]), (&"v2".into(), &"failed".into()), "{releases}");
+    assert_eq!((&releases[1]["version"], &releases[1]["status"]), (&"v1".into(), &"live".into()), "{releases}");
+
+    // A crash on boot inside the container is reported with its output.
+    let bad = AppRepo::new(&[
+        ("Procfile", "web: python3 -c 'import sys; print(\"boom in container\"); sys.exit(3)'\n"),
+        ("slipway.toml", "[docker]\nimage = \"python\"\n"),
+    ]);
+    let out = bad.deploy_rejected(&server, "genbad");
+    assert!(out.contains("crashed on boot"), "{out}");
+    assert!(out.contains("boom in container"), "{out}");
+}
+
+#[test]
+fn restarted_daemon_removes_exactly_its_own_leftover_containers() {
+    if !slow_tests_enabled("restarted_daemon_removes_exactly_its_own_leftover_containers") {
+        return;
+    }
+    ensure_base();
+    let mut server = ContainerServer::start(&["crashy"]);
+    let other = ContainerServer::start(&["keep"]);
+    let repo = dockerfile_app("crash", "replace");
+    repo.deploy(&server, "crashy");
+    repo.deploy(&other, "keep");
+    assert_eq!(containers_of(&server).len(), 1);
+
+    // The daemon and its shims die at once; the containers stay.
+    let shims = server.pids("crashy");
+    server.kill9();
+    for pid in shims {
+        signal(pid, libc::SIGKILL);
+    }
+    assert_eq!(containers_of(&server).len(), 1, "the container outlives a killed shim");
+    server.restart();
+    let (status, body) = server.get("crashy", "/");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(containers_of(&server).len(), 1, "the leftover was removed, one new container serves");
+    // The other daemon's container was not touched.
+    assert_eq!(containers_of(&other).len(), 1);
+    assert!(other.get("keep", "/").1.starts_with("crash container"));
+}
