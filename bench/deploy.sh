@@ -5,6 +5,8 @@
 #      run, warm shared uv cache (one unmeasured warm-up run first); median of 5
 #  (b) code-only redeploy: 5 consecutive pushes changing only app.py; median/min/max
 #  (c) redeploy after a requirements.txt change, warm uv cache; median of 3
+#  (d) the same with a compiled wheel (uWSGI) among the requirements, its
+#      wheel already built once (cache warm); median of 3
 #
 # Each figure: from just before `git push` to the first GET through the proxy
 # (Host: APP.localhost, polled every 10 ms) that answers 200 with the new body.
@@ -21,6 +23,9 @@ HOST="$APP.localhost"
 FIRST_RUNS=${FIRST_RUNS:-5}
 CODE_RUNS=${CODE_RUNS:-5}
 DEPS_RUNS=${DEPS_RUNS:-3}
+# Extra `slipway server` flags, e.g. SERVER_ARGS="--isolation off" (apps run
+# as the daemon's user) on a host where other test servers share app uids.
+SERVER_ARGS=${SERVER_ARGS:-}
 
 mkdir -p "$RESULTS"
 export UV_CACHE_DIR="${UV_CACHE_DIR:-$RESULTS/.cache/uv}"
@@ -88,7 +93,7 @@ start_server() {
     local err="$LOGDIR/server-$SERVER_N.stderr"
     : >"$out"
     "$BIN" server --data "$SERVER_DATA" --api 127.0.0.1:0 --http 127.0.0.1:0 --ssh 127.0.0.1:0 \
-        --domain localhost >"$out" 2>"$err" &
+        --domain localhost $SERVER_ARGS >"$out" 2>"$err" &
     SERVER_PID=$!
     local i line=""
     for i in $(seq 1 600); do
@@ -189,6 +194,35 @@ for i in $(seq 1 "$DEPS_RUNS"); do
     body="$(python3 "$BENCH/lib.py" greeting "$REPO" "$token")"
     commit "$REPO" "dependency change $i"
     measure deps "$REPO" "${body%$'\n'}\\n"
+done
+
+# (d): the same dependency change with a compiled wheel among the
+# requirements (uWSGI, ~1 min to compile from its sdist). One unmeasured
+# push adds uWSGI (it compiles once, into the app's build cache); each
+# measured push then changes another requirement, so the environment is
+# rebuilt and uWSGI's wheel must come from the cache, not the compiler.
+echo "(d) dependency change with a compiled wheel (uWSGI) x$DEPS_RUNS" >&2
+echo "uwsgi==2.0.31" >>"$REPO/requirements.txt"
+body="$(python3 "$BENCH/lib.py" greeting "$REPO" "uwsgi-compile-$RANDOM")"
+commit "$REPO" "add uwsgi (compiles once)"
+measure setup "$REPO" "${body%$'\n'}\\n" no
+for i in $(seq 1 "$DEPS_RUNS"); do
+    if grep -q '^six==' "$REPO/requirements.txt"; then
+        grep -v -e '^six==' -e '^# bench' "$REPO/requirements.txt" >"$WORK/req" || true
+    else
+        { grep -v '^# bench' "$REPO/requirements.txt" || true; echo "six==1.16.0"; } >"$WORK/req"
+    fi
+    echo "# bench compiled dep change $i $RANDOM$RANDOM" >>"$WORK/req"
+    mv "$WORK/req" "$REPO/requirements.txt"
+    token="compiled-$i-$RANDOM$RANDOM"
+    body="$(python3 "$BENCH/lib.py" greeting "$REPO" "$token")"
+    commit "$REPO" "dependency change $i (uwsgi kept)"
+    seen=$(wc -l <"$LOGDIR/push-$SERVER_N.log")
+    measure compiled "$REPO" "${body%$'\n'}\\n"
+    if tail -n +"$((seen + 1))" "$LOGDIR/push-$SERVER_N.log" | grep -q 'Building uwsgi\|Built uwsgi'; then
+        echo "  PROBLEM: uWSGI was compiled again instead of coming from the wheel cache" >&2
+        FAILED=$((FAILED + 1))
+    fi
 done
 stop_server
 

@@ -247,6 +247,16 @@ class Server:
         return self.proc.returncode
 
 
+def free_port():
+    """A loopback port free right now (for a server the bench starts)."""
+    import socket
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
 def host_port(url):
     """'http://127.0.0.1:8080' -> '127.0.0.1:8080' (for restarting on the same address)."""
     h, p = split_http(url)
@@ -325,6 +335,13 @@ def set_greeting(repo, greeting):
         f.write(src[:i] + greeting + src[j:])
     return "hello %s\n" % greeting
 
+def write_result(results, name, out):
+    """Write a bench's figures to RESULTS/NAME.json and print them."""
+    os.makedirs(results, exist_ok=True)
+    with open(os.path.join(results, name + ".json"), "w") as f:
+        json.dump(out, f, indent=2)
+    print(json.dumps(out, indent=2))
+
 
 # ---------------------------------------------------------------- provenance
 
@@ -363,11 +380,12 @@ def summary(runs_path, out_path):
         "first": "(a) first deploy, fresh server + data dir, warm uv cache",
         "code": "(b) code-only redeploy (app.py changed)",
         "deps": "(c) redeploy after requirements.txt change, warm uv cache",
+        "compiled": "(d) dependency change, compiled wheel (uWSGI) from the cache",
     }
     result = {"unit": "seconds", "measured": "from just before `git push` to the first 200 with the new body via the proxy",
               "results": {}}
     failed = 0
-    for kind in ("first", "code", "deps"):
+    for kind in ("first", "code", "deps", "compiled"):
         rs = groups.get(kind, [])
         bad = [r for r in rs if r["push_rc"] != 0 or r["served_s"] is None]
         failed += len(bad)
@@ -395,13 +413,13 @@ def summary(runs_path, out_path):
     print(hdr)
     print("-" * len(hdr))
     fmt = lambda v: "-" if v is None else "%.3f" % v  # noqa: E731
-    for kind in ("first", "code", "deps"):
+    for kind in ("first", "code", "deps", "compiled"):
         r = result["results"][kind]
         s, p = r["served_s"], r["push_s"]
         print("%-58s %4d %8s %8s %8s %10s %6d" % (r["title"], r["runs"], fmt(s["median"]), fmt(s["min"]),
                                                    fmt(s["max"]), fmt(p["median"]), r["failed"]))
     print()
-    for kind in ("first", "code", "deps"):
+    for kind in ("first", "code", "deps", "compiled"):
         r = result["results"][kind]
         print("%-5s samples: %s  envs: %s  poll non-200: %d  poll conn errors: %d" % (
             kind, ", ".join(fmt(x) for x in r["samples_served_s"]), ",".join(str(e) for e in r["envs"]),

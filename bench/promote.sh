@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Promotion time for the Django example (issue 6): from `slipway promote`
+# Promotion time for the Django example (issues 6, 9): from `slipway promote`
 # starting to the live app serving the staging build, median of 3, with
-# the functional check ([promote] check) and without it.
+# the functional check ([promote] check) and without it. Every promotion
+# runs the live app's release phase (migrate, on its own database).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x target/release/slipway ] || cargo build --release --quiet
@@ -13,7 +14,7 @@ pid=""
 cleanup() { [ -n "$pid" ] && { kill -TERM "$pid" 2>/dev/null; wait "$pid" 2>/dev/null || true; }; rm -rf "$work"; }
 trap cleanup EXIT INT TERM
 mkfifo "$work/ready"
-"$bin" server --data "$work/data" --api 127.0.0.1:0 --http 127.0.0.1:0 --ssh 127.0.0.1:0 >"$work/ready" 2>"$work/server.log" &
+"$bin" server --data "$work/data" --api 127.0.0.1:0 --http 127.0.0.1:0 --ssh 127.0.0.1:0 ${SERVER_ARGS:-} >"$work/ready" 2>"$work/server.log" &
 pid=$!
 read -r ready <"$work/ready"
 cat "$work/ready" >/dev/null &
@@ -57,6 +58,9 @@ for label, staging, marker in [("with check", "staging", "promoted-checked"), ("
             sys.exit("the check did not run")
         if "installing with" in out.stdout:
             sys.exit("promotion reinstalled dependencies")
+        # The live app's own release phase (migrate) gates every promotion.
+        if "release phase: python manage.py migrate" not in out.stdout:
+            sys.exit("the live app's release phase did not run:\n" + out.stdout)
     results[label] = samples
 print(f"{'promotion, Django example':<30} {'n':>3} {'median':>8} {'min':>8} {'max':>8}")
 for label, s in results.items():
