@@ -117,7 +117,12 @@ fn ssh_with_a_terminal_runs_a_shell_in_the_release() {
     term.expect("ans 42 sshell");
     term.expect("/dev/pts/");
     term.expect("/releases/");
-    term.send("echo sl''eeping; sleep 60\r");
+    // "sleeping" comes from inside the foreground job, after it took the
+    // terminal: a Ctrl-C typed after bash's own `echo` but before the job's
+    // child claimed the terminal would race bash's job control, which
+    // hands the terminal to the job late and leaves bash reading from the
+    // background (EIO, read as end of input: bash exits).
+    term.send("sh -c 'echo sl\"\"eeping; exec sleep 60'\r");
     term.expect("sleeping");
     term.send("\x03");
     // The terminal flushes typeahead on Ctrl-C: type on at the next prompt.
