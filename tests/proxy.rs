@@ -125,6 +125,9 @@ while not os.path.exists(target):
     time.sleep(0.05)
 port = int(open(target).read())
 s = socket.socket()
+# As a real squatter would: connections the victim's death left in
+# TIME_WAIT (60 s) must not keep it off the port.
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 while True:
     try:
         s.bind(('127.0.0.1', port))
