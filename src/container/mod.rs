@@ -111,27 +111,26 @@ impl Engine {
         }
     }
 
+    /// The containers (running or not) carrying all of `labels` (`key=value`).
+    async fn labelled(&self, labels: &[String]) -> Result<Vec<bollard::models::ContainerSummary>> {
+        let filters = HashMap::from([("label".to_string(), labels.to_vec())]);
+        self.docker
+            .list_containers(Some(ListContainersOptionsBuilder::default().all(true).filters(&filters).build()))
+            .await
+            .context("listing containers")
+    }
+
     /// Names of the containers (running or not) carrying all of `labels`
     /// (`key=value`).
     pub async fn containers(&self, labels: &[String]) -> Result<Vec<String>> {
-        let filters = HashMap::from([("label".to_string(), labels.to_vec())]);
-        let list = self
-            .docker
-            .list_containers(Some(ListContainersOptionsBuilder::default().all(true).filters(&filters).build()))
-            .await
-            .context("listing containers")?;
+        let list = self.labelled(labels).await?;
         Ok(list.into_iter().filter_map(|c| c.names.and_then(|n| n.into_iter().next())).collect())
     }
 
     /// Remove (force) every container carrying all of `labels`
     /// (`key=value`). Returns how many there were.
     pub async fn remove_containers(&self, labels: &[String]) -> Result<usize> {
-        let filters = HashMap::from([("label".to_string(), labels.to_vec())]);
-        let list = self
-            .docker
-            .list_containers(Some(ListContainersOptionsBuilder::default().all(true).filters(&filters).build()))
-            .await
-            .context("listing containers")?;
+        let list = self.labelled(labels).await?;
         let mut n = 0;
         for c in list {
             let Some(id) = c.id else { continue };
