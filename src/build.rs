@@ -210,6 +210,9 @@ impl Builder {
         if env.dir.join(MARKER).is_file() {
             progress.info(&format!("dependencies unchanged: reusing environment {}", short(&key)));
             crate::tally::environment(true);
+            if let Some((user, _)) = &as_user {
+                open_to(&env, *user)?;
+            }
             return Ok(Some((env, EnvLease(guard))));
         }
         progress.info(&format!("building environment {} (python {})", short(&key), interpreter.version));
@@ -219,7 +222,8 @@ impl Builder {
         tokio::fs::create_dir_all(self.layout.envs()).await.context("creating envs directory")?;
         if let Some((user, _)) = &as_user {
             tokio::fs::create_dir_all(&env.dir).await.context("creating the environment directory")?;
-            chown(&env.dir, *user, 0o755)?;
+            // Closed while it is built; `open_to` names who may enter it after.
+            chown(&env.dir, *user, 0o700)?;
         }
         let built = match self.build(dir, *deps, interpreter, &env, as_user.as_ref(), progress).await {
             // Built by the app's user: take the tree back before trusting
@@ -233,6 +237,9 @@ impl Builder {
             Ok(()) => {
                 write_marker(&env.dir.join(MARKER), &format!("python {}\n", interpreter.version))
                     .context("marking environment complete")?;
+                if let Some((user, _)) = &as_user {
+                    open_to(&env, *user)?;
+                }
                 Ok(Some((env, EnvLease(guard))))
             }
             Err(e) => {
@@ -645,6 +652,14 @@ fn write_marker(path: &Path, text: &str) -> Result<()> {
 }
 
 /// Give `path` to the app's user with `mode`.
+/// Let `user` use a sealed environment, and no other app but those
+/// already let in (issue 10: an environment's packages, and anything a
+/// build left in it, are its apps' own). More than one app enters one
+/// environment when a promotion runs staging's build as the live app.
+pub fn open_to(env: &Environment, user: AppUser) -> Result<()> {
+    crate::acl::grant(&env.dir, user.uid).with_context(|| format!("letting uid {} use environment {}", user.uid, short(&env.key)))
+}
+
 pub fn chown(path: &Path, user: AppUser, mode: u32) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
     std::os::unix::fs::chown(path, Some(user.uid), Some(user.gid)).with_context(|| format!("chown {}", path.display()))?;

@@ -1,6 +1,7 @@
 //! slipway: a self-hosted "git push to deploy" platform. See
 //! ARCHITECTURE.md for the code map and the invariants.
 
+pub mod acl;
 pub mod api;
 pub mod auth;
 pub mod backup;

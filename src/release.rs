@@ -623,7 +623,7 @@ pub async fn promote(p: &Platform, staging: &AppName, live: &AppName, actor: &Ac
     let from = live_release(p, staging).await?.ok_or_else(|| anyhow!("{staging} has no live release to promote"))?;
     let from_tree = p.layout.release(staging, from.tree);
     let manifest = Manifest::load(&from_tree)?;
-    let env = from.env_key.as_ref().map(|k| Environment { key: k.clone(), dir: p.layout.env(k) });
+    let env = release_env(p, staging, &from);
     match &manifest.promote_check {
         Some(check) => {
             let (url, host) = target_url(p, staging).await;
@@ -663,6 +663,10 @@ pub async fn promote(p: &Platform, staging: &AppName, live: &AppName, actor: &Ac
     let result = async {
         let tree = p.layout.release(live, version);
         link_tree(&from_tree, &tree).await?;
+        // Staging's environment now serves live too, as live's user.
+        if let (Some(env), Some(user)) = (&env, p.user_of(live)) {
+            crate::build::open_to(env, user)?;
+        }
         // The copied tree's storage links name staging's storage.
         crate::storage::mount(&p.layout, live, &tree, &manifest.storage, p.user_of(live)).await?;
         // The live repo gets the commits first (under a scratch ref), so a
@@ -769,7 +773,7 @@ async fn restart_type(p: &Platform, app: &AppName, live: &Release, ptype: &str, 
         indexes.push(1);
     }
     ensure_app_dirs(p, app).await?;
-    let env = live.env_key.as_ref().map(|k| Environment { key: k.clone(), dir: p.layout.env(k) });
+    let env = release_env(p, app, live);
     progress.step(&format!("restarting {} {ptype} of v{}", indexes.len(), live.version));
     let from_current = spec.reload != Reload::Replace;
     let new = start_type(p, app, live, spec, &indexes, env.as_ref(), &manifest, from_current, progress).await?;
@@ -814,7 +818,7 @@ pub async fn scale(p: &Platform, app: &AppName, actor: &Actor, counts: BTreeMap<
             bail!("scale {t}={n} is above the limit of {MAX_SCALE}");
         }
     }
-    let env = live.env_key.as_ref().map(|k| Environment { key: k.clone(), dir: p.layout.env(k) });
+    let env = release_env(p, app, &live);
     for (ptype, &want) in &counts {
         let spec = manifest.process(ptype).context("checked above")?;
         let current: Vec<Arc<Instance>> =
@@ -1103,7 +1107,7 @@ async fn adopt(p: &Platform, app: &AppName, version: u32, leftovers: &[crate::su
         return Ok(false);
     }
     let manifest = Manifest::load(&p.layout.release(app, release.tree))?;
-    let env = release.env_key.as_ref().map(|k| Environment { key: k.clone(), dir: p.layout.env(k) });
+    let env = release_env(p, app, &release);
     let a = app.clone();
     let scale = p.store.call(move |s| s.scale(&a)).await?;
     let mut wanted = Vec::new();
@@ -1170,9 +1174,24 @@ pub async fn destroy(p: &Platform, app: &AppName, actor: &Actor) -> Result<()> {
     Ok(())
 }
 
+/// The dependency environment a release runs with, opened to the app's
+/// user. Idempotent; it also opens environments that a slipway from
+/// before access ACLs left world-readable, the first time they are used.
+fn release_env(p: &Platform, app: &AppName, release: &Release) -> Option<Environment> {
+    let env = release.env_key.as_ref().map(|k| Environment { key: k.clone(), dir: p.layout.env(k) })?;
+    if let Some(user) = p.user_of(app) {
+        if env.dir.is_dir() {
+            if let Err(e) = crate::build::open_to(&env, user) {
+                tracing::warn!(app = %app, error = %format!("{e:#}"), "opening the environment to the app's user");
+            }
+        }
+    }
+    Some(env)
+}
+
 /// Run `cmd` in the release's directory as a one-off, with its env.
 pub fn one_off_command(p: &Platform, app: &AppName, release: &Release, cmd: &str) -> ProcessCommand {
-    let env = release.env_key.as_ref().map(|k| Environment { key: k.clone(), dir: p.layout.env(k) });
+    let env = release_env(p, app, &release);
     ProcessCommand {
         command: cmd.to_string(),
         cwd: p.layout.release(app, release.tree),
@@ -1201,7 +1220,7 @@ async fn relaunch(p: &Platform, app: &AppName, version: u32, progress: &Progress
     ensure_app_dirs(p, app).await?;
     // Containers (docker track): the release's image, rebuilt if it was collected.
     runtime::container::prepare(&p.images, &p.layout, app, &dir, &manifest, None, progress).await?;
-    let env = release.env_key.as_ref().map(|k| Environment { key: k.clone(), dir: p.layout.env(k) });
+    let env = release_env(p, app, &release);
     if let Some(env) = &env {
         if !env.dir.is_dir() {
             bail!("the environment of v{version} is gone; redeploy with `slipway deploy {app}`");

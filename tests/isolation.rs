@@ -46,7 +46,18 @@ fn apps_run_as_their_own_users_and_cannot_read_each_other() {
     assert!(out.contains(&b_uid.to_string()) && out.contains("data-secret-b"), "an app reads and writes its own data: {out}");
 
     let data = server.data();
+    // Environments have names derived from the uid, interpreter and
+    // dependency files: an app that works one out must still not enter it.
+    let environ = std::fs::read(format!("/proc/{b_pid}/environ")).expect("environ");
+    let beta_env = environ
+        .split(|&b| b == 0)
+        .find_map(|v| v.strip_prefix(b"VIRTUAL_ENV="))
+        .map(|v| std::path::PathBuf::from(String::from_utf8_lossy(v).into_owned()))
+        .expect("beta runs in an environment");
+    let (code, out) = run_in(&server, "alpha", &format!("ls {}", beta_env.display()));
+    assert_ne!(code, 0, "alpha listed beta's environment: {out}");
     let targets = [
+        ("another app's dependency environment", beta_env.join("pyvenv.cfg")),
         ("another app's data", data.join("apps/beta/data/secret")),
         ("another app's code", data.join("apps/beta/releases/v1/app.py")),
         ("another app's logs", data.join("apps/beta/logs/app.log")),
