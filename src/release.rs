@@ -37,6 +37,23 @@ const STEP_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 pub const MAX_SCALE: u32 = 50;
 
+/// Instances of all types of one app together (issue 10 #9). Each costs
+/// the daemon descriptors (its output pipes, its pid file, a pool of
+/// upstream connections for web ones) out of one budget shared by every
+/// app: with 32 types of up to 50 each, one deployer could otherwise take
+/// 1,600 instances' worth.
+pub const MAX_INSTANCES: u32 = 100;
+
+/// Refuse a scale or a release whose instances would exceed
+/// [`MAX_INSTANCES`]; types without a stored scale count as 1.
+fn check_instance_total(manifest: &Manifest, scale: &BTreeMap<String, u32>) -> Result<()> {
+    let total: u32 = manifest.processes.iter().map(|p| scale.get(&p.name).copied().unwrap_or(1)).sum();
+    if total > MAX_INSTANCES {
+        bail!("{total} instances in all is above the limit of {MAX_INSTANCES} per app: scale some types down");
+    }
+    Ok(())
+}
+
 /// Marks an error whose failure the pipeline has already reported.
 #[derive(Debug)]
 struct DeployFailed;
@@ -818,6 +835,10 @@ pub async fn scale(p: &Platform, app: &AppName, actor: &Actor, counts: BTreeMap<
             bail!("scale {t}={n} is above the limit of {MAX_SCALE}");
         }
     }
+    let a = app.clone();
+    let mut wanted = p.store.call(move |s| s.scale(&a)).await?;
+    wanted.extend(counts.iter().map(|(t, n)| (t.clone(), *n)));
+    check_instance_total(&manifest, &wanted)?;
     let env = release_env(p, app, &live);
     for (ptype, &want) in &counts {
         let spec = manifest.process(ptype).context("checked above")?;
@@ -1243,6 +1264,7 @@ async fn activate(
     })
     .await?;
     let count = |t: &str| scale.get(t).copied().unwrap_or(1);
+    check_instance_total(manifest, &scale)?;
     let running = p.supervisor.instances(app.as_str());
     let link = p.layout.current(app);
     let tree = p.layout.release(app, release.tree);

@@ -290,6 +290,27 @@ fn six_hundred_process_types_are_refused() {
 }
 
 #[test]
+fn instances_of_all_types_together_are_bounded_per_app() {
+    let server = TestServer::start();
+    let repo = AppRepo::hello("many");
+    repo.write("Procfile", "web: gunicorn -b 127.0.0.1:$PORT app:app\na: sleep 1000\nb: sleep 1000\n");
+    repo.commit("three types");
+    server.ok(&["apps", "create", "many"]);
+    let token = server.ok(&["tokens", "create", "many-deployer", "--app", "many"]).trim().lines().last().unwrap_or_default().trim().to_string();
+    let (ok, out) = repo.push(&server.git_url_with("many", &token), "main");
+    assert!(ok, "{out}");
+    let before = server.pids("many").len();
+    assert_eq!(before, 3);
+    // Each type within its own limit of 50; together 101 instances.
+    let out = server.cli_with_token(&token, &["scale", "many", "a=50", "b=50"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "101 instances must be refused");
+    assert!(err.contains("101 instances in all is above the limit of 100 per app"), "{err}");
+    assert_eq!(server.pids("many").len(), before, "a refused scale starts nothing");
+    assert_eq!(server.get("many", "/").0, 200);
+}
+
+#[test]
 fn servers_on_one_host_get_disjoint_app_uids() {
     if !is_root() {
         eprintln!("skipping: app users exist only when the daemon runs as root");
