@@ -202,7 +202,7 @@ class Server:
             on_spawn(self)
         line = self._read_ready(ready_timeout)
         fields = dict(kv.split("=", 1) for kv in line.split()[2:])
-        self.api, self.http = fields["api"], fields["http"]
+        self.api, self.http, self.ssh = fields["api"], fields["http"], fields.get("ssh")
         with open(os.path.join(data, "admin-token")) as f:
             self.token = f.read().strip()
 

@@ -15,16 +15,22 @@ open descriptors (peak), and the calm app's success rate (a keep-alive GET
   run        a one-off `yes` (app-scoped token) whose client reads 1 KiB
              per 20 ms
 
-The connection floods (idle SSH/API connections, slow proxy bodies) are
-the proxy track's; add them here when they land.
+  floods     2,000 idle connections (no byte sent) to each listener
+             (proxy, API, SSH) from 127.0.0.2-5, and 700 requests to the
+             proxy whose 1 MB bodies never come, from 127.0.0.6; the
+             daemon runs with a descriptor limit of 2,048 (FLOOD_NOFILE),
+             as in the issue. During it, a code change to `calm` is pushed
+             and its deploy timed.
 
 Prints a table and writes bench/results/tenancy.json. Env: STORM_S,
-SLIPWAY_BIN (the binary to measure; default target/release/slipway).
+SLIPWAY_BIN (the binary to measure; default target/release/slipway),
+FLOOD_NOFILE.
 """
 
 import http.client
 import json
 import os
+import resource
 import shutil
 import socket
 import subprocess
@@ -41,6 +47,9 @@ import lib  # noqa: E402
 BIN = os.environ.get("SLIPWAY_BIN", os.path.join(ROOT, "target", "release", "slipway"))
 RESULTS = os.path.join(BENCH, "results")
 STORM_S = float(os.environ.get("STORM_S", "10"))
+FLOOD_NOFILE = int(os.environ.get("FLOOD_NOFILE", "2048"))
+IDLE_PER_LISTENER = 2000
+SLOW_BODIES = 700
 
 
 def rss_mib(pid):
@@ -81,6 +90,19 @@ def slow_reader(api, token, method, path, body, chunk, seconds, out):
         out.append("error: %s" % e)
 
 
+def connect_from(src, target, timeout=2.0):
+    host, port = lib.split_http(target)
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    try:
+        s.bind((src, 0))
+        s.connect((host, port))
+        return s
+    except OSError:
+        s.close()
+        return None
+
+
 def measure(server, attack):
     """Run attack() in a thread for STORM_S; sample the daemon and the calm app."""
     pid = server.proc.pid
@@ -115,11 +137,17 @@ def measure(server, attack):
 
 def main():
     env, work = lib.prepare_run(ROOT, BIN, RESULTS, "slipway-tenancy-")
+    # The bench holds ~6,700 sockets; the daemon gets the issue's limit.
+    resource.setrlimit(resource.RLIMIT_NOFILE, (resource.getrlimit(resource.RLIMIT_NOFILE)[1],) * 2)
+    wrapper = os.path.join(work, "slipway-nofile")
+    with open(wrapper, "w") as f:
+        f.write("#!/bin/sh\nulimit -n %d\nexec %s \"$@\"\n" % (FLOOD_NOFILE, BIN))
+    os.chmod(wrapper, 0o755)
     server = None
     result = {"build": lib.build_info(ROOT, BIN), "storm_s": STORM_S}
     try:
         data = os.path.join(work, "data")
-        server = lib.Server(BIN, data, os.path.join(work, "server.log"), env=env)
+        server = lib.Server(wrapper, data, os.path.join(work, "server.log"), env=env)
         example = os.path.join(ROOT, "examples", "hello-wsgi")
         for app in ("calm", "noisy"):
             repo = os.path.join(work, app)
@@ -154,9 +182,42 @@ def main():
         def run(stop):
             slow_reader(server.api, token, "POST", "/api/apps/noisy/run", '{"command":"yes"}', 1024, STORM_S, [])
 
+        def floods(stop):
+            held = []
+            made = {"idle": 0, "slow": 0}
+            for target in (server.http, server.api, server.ssh.replace("ssh://", "http://")):
+                for i in range(IDLE_PER_LISTENER):
+                    s = connect_from("127.0.0.%d" % (2 + i % 4), target)
+                    if s is not None:
+                        held.append(s)
+                        made["idle"] += 1
+            head = b"POST / HTTP/1.1\r\nHost: calm.localhost\r\nContent-Length: 1000000\r\n\r\nx"
+            for _ in range(SLOW_BODIES):
+                s = connect_from("127.0.0.6", server.http)
+                if s is not None:
+                    try:
+                        s.sendall(head)
+                        held.append(s)
+                        made["slow"] += 1
+                    except OSError:
+                        s.close()
+            result["flood_connections"] = made
+            repo = os.path.join(work, "calm")
+            with open(os.path.join(repo, "app.py")) as f:
+                code = f.read()
+            with open(os.path.join(repo, "app.py"), "w") as f:
+                f.write(code.replace('"world"', '"flood"'))
+            lib.commit(repo, "during the flood")
+            result["flood_push"] = lib.push_and_wait(repo, server.git_remote("calm"), server.http,
+                                                     "calm.localhost", "hello flood\n", timeout=120,
+                                                     log_path=os.path.join(RESULTS, "tenancy-flood-push.log"))
+            stop.wait()
+            for s in held:
+                s.close()
+
         result["storms"] = {}
         for name, attack in (("baseline (yes + 64 KiB lines)", baseline), ("40 slow logs -n 10000", logs),
-                             ("slow one-off yes", run)):
+                             ("slow one-off yes", run), ("floods: 6,000 idle + 700 slow bodies", floods)):
             result["storms"][name] = measure(server, attack)
     finally:
         if server is not None:
@@ -168,6 +229,10 @@ def main():
     print("%-32s %14s %10s %14s" % ("storm (%ds)" % STORM_S, "peak RSS MiB", "peak fds", "calm success"))
     for name, m in result.get("storms", {}).items():
         print("%-32s %14s %10s %9d/%d" % (name, m["peak_rss_mib"], m["peak_fds"], m["calm_ok"], m["calm_total"]))
+    if "flood_connections" in result:
+        fp = result.get("flood_push", {})
+        print("floods: %(idle)d idle and %(slow)d slow-body connections made" % result["flood_connections"]
+              + "; push during the flood: rc=%s, served in %s s" % (fp.get("push_rc"), fp.get("served_s")))
 
 
 if __name__ == "__main__":

@@ -2009,15 +2009,62 @@ fn outcome<T>(r: &Result<T>) -> &'static str {
     }
 }
 
-/// A free TCP port on loopback for a new web process.
+/// Web processes get ports from here up to the kernel's ephemeral range.
+const APP_PORTS_FROM: u16 = 20_000;
+
+/// A free TCP port for a new web process, outside the kernel's ephemeral
+/// range (`ip_local_port_range`). A port the kernel hands out with
+/// `bind(0)` is also what it gives outgoing connections: under many
+/// client connections (the proxy's own pool, a flood from another host
+/// address) one of them took the port between this check and the app's
+/// `bind`, and the deploy failed with EADDRINUSE. Ports are taken in turn
+/// (a shared cursor, so two deploys at once try different ones) and each
+/// is checked on the wildcard address, as the app may bind 0.0.0.0.
 fn free_port() -> std::io::Result<u16> {
-    let l = std::net::TcpListener::bind(("127.0.0.1", 0))?;
-    Ok(l.local_addr()?.port())
+    static CURSOR: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    // Servers sharing a host start their turns apart.
+    static SEED: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    let seed = SEED.get_or_init(rand::random::<u32>);
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|p| p.parse::<u16>().ok()))
+        .unwrap_or(32_768);
+    let span = u32::from(ephemeral_low.saturating_sub(APP_PORTS_FROM));
+    if span < 1_000 {
+        // No room below the ephemeral range on this host: the kernel's pick.
+        let l = std::net::TcpListener::bind(("0.0.0.0", 0))?;
+        return Ok(l.local_addr()?.port());
+    }
+    for _ in 0..span.min(4_096) {
+        let offset = CURSOR.fetch_add(1, std::sync::atomic::Ordering::Relaxed).wrapping_add(*seed) % span;
+        let port = APP_PORTS_FROM + offset as u16;
+        // The wildcard address conflicts with a socket on any address.
+        if std::net::TcpListener::bind(("0.0.0.0", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    Err(std::io::Error::new(std::io::ErrorKind::AddrInUse, format!("no free port in {APP_PORTS_FROM}-{ephemeral_low}")))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn web_ports_are_never_ones_the_kernel_gives_outgoing_connections() {
+        let low: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+            .ok()
+            .and_then(|s| s.split_whitespace().next().and_then(|p| p.parse().ok()))
+            .unwrap_or(32_768);
+        let ports: Vec<u16> = (0..50).map(|_| free_port().expect("a port")).collect();
+        if low >= APP_PORTS_FROM + 1_000 {
+            assert!(ports.iter().all(|&p| (APP_PORTS_FROM..low).contains(&p)), "{ports:?} vs ephemeral from {low}");
+        }
+        let mut distinct = ports.clone();
+        distinct.sort_unstable();
+        distinct.dedup();
+        assert_eq!(distinct.len(), ports.len(), "successive ports differ: {ports:?}");
+    }
 
     #[test]
     fn default_policy_prefers_main() {
