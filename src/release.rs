@@ -1425,7 +1425,7 @@ async fn activate(
             progress.info("old processes still busy after 30s: stopping them anyway");
         }
         progress.step(&format!("stopping {} old process{}", old.len(), plural(old.len())));
-        stop_all(old).await;
+        stop_old(old, progress).await;
     }
     Ok(())
 }
@@ -1937,6 +1937,14 @@ pub async fn ensure_app_dirs(p: &Platform, app: &AppName) -> Result<()> {
 
 async fn stop_all(instances: Vec<Arc<Instance>>) {
     futures_util::future::join_all(instances.iter().map(|i| i.stop())).await;
+}
+
+/// Stop the old processes of a switch, saying in the operation's output
+/// which ones ignored their stop signal (each one cost its stop timeout).
+async fn stop_old(instances: Vec<Arc<Instance>>, progress: &Progress) {
+    for what in futures_util::future::join_all(instances.iter().map(|i| i.stop())).await.into_iter().flatten() {
+        progress.info(&what);
+    }
 }
 
 fn upstream_of(inst: &Arc<Instance>) -> Option<Arc<Upstream>> {

@@ -58,6 +58,9 @@ pub struct Status {
     pub pid: Option<i32>,
     pub restarts: u32,
     pub last_exit: Option<String>,
+    /// Its last stop took SIGKILL: it ignored its stop signal (issue 9 #9).
+    #[serde(skip)]
+    pub ignored_stop: bool,
     #[serde(skip)]
     pub since: Option<Instant>,
 }
@@ -104,12 +107,13 @@ impl Instance {
 
     /// Stop it: stop signal to the group, SIGKILL after the stop timeout.
     /// Returns once nothing of it runs.
-    pub async fn stop(&self) {
+    /// Stop it and wait; `Some(what happened)` when it ignored its stop
+    /// signal and was killed at the end of its stop timeout.
+    pub async fn stop(&self) -> Option<String> {
         let _ = self.stop.send(true);
         let mut rx = self.status.subscribe();
-        let _ = rx
-            .wait_for(|s| matches!(s.state, State::Stopped | State::Exited | State::Crashed))
-            .await;
+        let s = rx.wait_for(|s| matches!(s.state, State::Stopped | State::Exited | State::Crashed)).await.ok()?;
+        s.ignored_stop.then(|| s.last_exit.clone()).flatten()
     }
 }
 
@@ -172,6 +176,7 @@ impl Supervisor {
             pid: None,
             restarts: 0,
             last_exit: None,
+            ignored_stop: false,
             since: None,
         });
         let (stop, stop_rx) = watch::channel(false);
@@ -476,15 +481,27 @@ async fn supervise(
                 runtime::signal_group(pid, spec.stop_signal);
                 let graceful = tokio::time::timeout(spec.stop_timeout, proc.wait()).await.is_ok();
                 runtime::signal_group(pid, libc::SIGKILL);
-                if !graceful {
-                    let _ = proc.wait().await;
-                    log.write("slipway", &format!("{name} killed after {}s stop timeout", spec.stop_timeout.as_secs()));
-                } else {
-                    log.write("slipway", &format!("{name} stopped"));
-                }
                 let _ = std::fs::remove_file(&pidfile);
                 pump.abort();
-                set_state(&inst, State::Stopped, None);
+                if !graceful {
+                    let _ = proc.wait().await;
+                    let sig = nix::sys::signal::Signal::try_from(spec.stop_signal).map(|s| s.as_str()).unwrap_or("its stop signal");
+                    let what = format!(
+                        "{name} ignored {sig} for {}s and was killed: if it stops on another signal, set stop_signal in [processes.{}]",
+                        spec.stop_timeout.as_secs(),
+                        spec.ptype
+                    );
+                    log.write("slipway", &what);
+                    inst.status.send_modify(|s| {
+                        s.state = State::Stopped;
+                        s.pid = None;
+                        s.last_exit = Some(what);
+                        s.ignored_stop = true;
+                    });
+                } else {
+                    log.write("slipway", &format!("{name} stopped"));
+                    set_state(&inst, State::Stopped, None);
+                }
                 return;
             }
             Ended::Detach => {

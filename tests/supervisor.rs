@@ -292,3 +292,42 @@ fn restart_of_one_type_leaves_the_others_and_stop_survives_a_daemon_restart() {
     server.ok(&["start", "typed"]);
     assert_eq!(server.get("typed", "/").1, "hello world\n");
 }
+
+/// issue 9 #9: uWSGI takes SIGTERM as "reload", so without `die-on-term`
+/// a TERM-stopped uWSGI never exits. slipway stops it with INT; a process
+/// told to stop with a signal it ignores is killed at its stop timeout,
+/// and the push output says so.
+#[test]
+fn uwsgi_stops_without_die_on_term_and_an_ignored_stop_signal_is_reported() {
+    let server = TestServer::start();
+    let ini = "[uwsgi]\nplugins = python3\nhttp-socket = 127.0.0.1:$(PORT)\nwsgi-file = app.py\nmaster = true\nprocesses = 2\nneed-app = true\n";
+    let app = |body: &str| {
+        format!(
+            "def application(environ, start_response):\n    start_response('200 OK', [('Content-Type', 'text/plain')])\n    return [b'{body}']\n"
+        )
+    };
+    let repo = AppRepo::new(&[("app.py", &app("one")), ("uwsgi.ini", ini), ("Procfile", "web: uwsgi --ini uwsgi.ini\n")]);
+    repo.deploy(&server, "uw");
+    let first = server.pids("uw");
+
+    // The default stop (INT) ends uWSGI: nothing is reported as ignored.
+    repo.write("app.py", &app("two"));
+    repo.commit("two");
+    let out = repo.deploy(&server, "uw");
+    assert!(!out.contains("ignored"), "uWSGI stopped by INT must not need SIGKILL:\n{out}");
+    assert_eq!(server.get("uw", "/"), (200, "two".to_string()));
+    assert!(first.iter().all(|&p| !std::path::Path::new(&format!("/proc/{p}")).exists()), "the old uWSGI exited");
+
+    // With TERM forced, the next switch finds it ignored: killed, and said.
+    repo.write("slipway.toml", "[processes.web]\nstop_signal = \"TERM\"\nstop_timeout = \"2s\"\n");
+    repo.commit("stop with TERM");
+    repo.deploy(&server, "uw");
+    repo.write("app.py", &app("four"));
+    repo.commit("four");
+    let out = repo.deploy(&server, "uw");
+    assert!(out.contains("web.1 ignored SIGTERM for 2s and was killed"), "{out}");
+    assert!(out.contains("set stop_signal in [processes.web]"), "{out}");
+    assert_eq!(server.get("uw", "/"), (200, "four".to_string()));
+    let log = server.ok(&["logs", "uw", "-n", "200", "--type", "slipway"]);
+    assert!(log.contains("ignored SIGTERM"), "{log}");
+}
