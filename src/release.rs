@@ -1191,7 +1191,7 @@ fn release_env(p: &Platform, app: &AppName, release: &Release) -> Option<Environ
 
 /// Run `cmd` in the release's directory as a one-off, with its env.
 pub fn one_off_command(p: &Platform, app: &AppName, release: &Release, cmd: &str) -> ProcessCommand {
-    let env = release_env(p, app, &release);
+    let env = release_env(p, app, release);
     ProcessCommand {
         command: cmd.to_string(),
         cwd: p.layout.release(app, release.tree),
