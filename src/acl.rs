@@ -49,7 +49,7 @@ fn encode(uids: &[u32]) -> Vec<u8> {
 
 /// The named users of an ACL value (those given any permission).
 fn decode_users(value: &[u8]) -> Result<Vec<u32>> {
-    if value.len() < 4 || (value.len() - 4) % 8 != 0 || value[..4] != VERSION.to_le_bytes() {
+    if value.len() < 4 || !(value.len() - 4).is_multiple_of(8) || value[..4] != VERSION.to_le_bytes() {
         bail!("unrecognised ACL ({} bytes)", value.len());
     }
     Ok(value[4..]
@@ -106,18 +106,18 @@ mod tests {
     fn encoded_acls_are_sorted_and_read_back() {
         let v = encode(&[300, 200, 300]);
         assert_eq!(v.len(), 4 + 8 * 6, "owner, two users, group, mask, other");
-        assert_eq!(decode_users(&v).unwrap(), vec![200, 300]);
+        assert_eq!(decode_users(&v).expect("test"), vec![200, 300]);
         assert!(decode_users(&v[..7]).is_err());
     }
 
     #[test]
     fn grant_closes_the_directory_to_others() {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-        grant(dir.path(), 4242).unwrap();
-        grant(dir.path(), 4343).unwrap();
-        assert_eq!(users(dir.path()).unwrap(), vec![4242, 4343]);
-        let mode = std::fs::metadata(dir.path()).unwrap().permissions().mode() & 0o777;
+        let dir = tempfile::tempdir().expect("test");
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("test");
+        grant(dir.path(), 4242).expect("test");
+        grant(dir.path(), 4343).expect("test");
+        assert_eq!(users(dir.path()).expect("test"), vec![4242, 4343]);
+        let mode = std::fs::metadata(dir.path()).expect("test").permissions().mode() & 0o777;
         assert_eq!(mode, 0o750, "the group bits show the mask; others get nothing");
     }
 }

@@ -6,6 +6,11 @@
 //! installs nothing. An environment is built in place (virtualenvs are not
 //! relocatable) under a per-key lock, and only counts once its completion
 //! marker is written; a failed build is removed whole.
+//!
+//! Interpreters come from the system (/usr/bin, /usr/local/bin, the
+//! daemon's PATH) or from DIR/tools/python, the shared home of managed
+//! interpreters: root's, read-only, and filled by `uv python install` when
+//! a pin matches nothing apps can run (once per version, under a lock).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -22,6 +27,8 @@ use crate::runtime::{self, AppUser, ProcessCommand};
 
 const MARKER: &str = ".slipway-complete";
 const INSTALL_TIMEOUT: Duration = Duration::from_secs(20 * 60);
+/// One `uv python install`: a download of some 30 MB and an unpack.
+const PYTHON_INSTALL_TIMEOUT: Duration = Duration::from_secs(5 * 60);
 /// Under the builder's home (the app's own build cache dir, DIR/cache/APP,
 /// writable by that app alone): wheels uv built from sdists, fed back to
 /// that app's later builds only (`--find-links`), never to another app's.
@@ -80,6 +87,9 @@ pub struct Builder {
     base_path: String,
     uv_cache: PathBuf,
     key_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// One per pinned version being installed into DIR/tools/python: a
+    /// second push asking for it waits, then finds the first one's.
+    python_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     uv: tokio::sync::OnceCell<Option<PathBuf>>,
 }
 
@@ -90,7 +100,14 @@ impl Builder {
         let uv_cache = std::env::var_os("UV_CACHE_DIR")
             .map(PathBuf::from)
             .unwrap_or_else(|| layout.cache().join("uv"));
-        Builder { layout, base_path, uv_cache, key_locks: Mutex::default(), uv: tokio::sync::OnceCell::new() }
+        Builder {
+            layout,
+            base_path,
+            uv_cache,
+            key_locks: Mutex::default(),
+            python_locks: Mutex::default(),
+            uv: tokio::sync::OnceCell::new(),
+        }
     }
 
     pub fn base_path(&self) -> &str {
@@ -98,7 +115,7 @@ impl Builder {
     }
 
     /// Detect the runtime of a checked-out release.
-    pub async fn detect(&self, dir: &Path) -> Result<Runtime> {
+    pub async fn detect(&self, dir: &Path, progress: &Progress) -> Result<Runtime> {
         let has = |f: &str| dir.join(f).is_file();
         let deps = if has("pyproject.toml") && has("uv.lock") {
             Some(PythonDeps::UvLock)
@@ -113,61 +130,147 @@ impl Builder {
         if deps.is_none() && pin.is_none() {
             return Ok(Runtime::Generic);
         }
-        let interpreter = self.find_interpreter(pin.as_deref()).await?;
+        let interpreter = self.find_interpreter(pin.as_deref(), progress).await?;
         Ok(Runtime::Python { deps, interpreter })
     }
 
     /// The interpreter for a pin such as `3.11` or `3.11.7`; with no pin,
-    /// a `python3`. Refuses a pin the server cannot satisfy.
+    /// a `python3`. A pin nothing here satisfies is installed with uv into
+    /// DIR/tools/python; when that fails too, the push is refused with what
+    /// was tried and what the operator can do.
+    async fn find_interpreter(&self, pin: Option<&str>, progress: &Progress) -> Result<Interpreter> {
+        let missing = match self.search_interpreters(pin).await {
+            Ok(found) => return Ok(found),
+            Err(missing) => missing,
+        };
+        let Some(pin) = pin else { bail!(missing.refusal("3", None, &self.layout.interpreters())) };
+        let tried = match self.install_python(pin, progress).await {
+            Ok(()) => match self.search_interpreters(Some(pin)).await {
+                Ok(found) => return Ok(found),
+                Err(after) => {
+                    return Err(anyhow!(after.refusal(
+                        pin,
+                        Some("uv installed it, but no interpreter apps can run matched the pin"),
+                        &self.layout.interpreters()
+                    )))
+                }
+            },
+            Err(why) => why,
+        };
+        bail!(missing.refusal(pin, Some(&tried), &self.layout.interpreters()))
+    }
+
+    /// Look for an interpreter apps can run that satisfies `pin`.
     ///
     /// The distribution's interpreter comes first: system app servers that
     /// embed Python (Debian's uWSGI plugin, mod_wsgi) are built against its
     /// libpython, and a virtualenv from another build of the same minor
     /// version loads in them only partly (its `ssl` fails on a missing
-    /// symbol while the app still answers). `PATH` (pyenv and the like)
-    /// is searched after, so an exact pin such as `3.11.7` still finds it.
-    async fn find_interpreter(&self, pin: Option<&str>) -> Result<Interpreter> {
+    /// symbol while the app still answers). The shared managed ones
+    /// (DIR/tools/python) come next, then `PATH` (pyenv and the like), so
+    /// an exact pin such as `3.11.7` still finds it.
+    async fn search_interpreters(&self, pin: Option<&str>) -> std::result::Result<Interpreter, MissingInterpreter> {
         let name = match pin {
             None => "python3".to_string(),
-            Some(v) => format!("python{}", v.split('.').take(2).collect::<Vec<_>>().join(".")),
+            Some(v) => format!("python{}", minor(v)),
         };
+        let managed = managed_installs(&self.layout.interpreters());
         let mut candidates: Vec<String> = ["/usr/bin", "/usr/local/bin"].iter().map(|d| format!("{d}/{name}")).collect();
+        candidates.extend(managed.iter().map(|d| d.join("bin").join(&name).display().to_string()));
         candidates.push(name.clone());
-        if name != "python3" {
-            candidates.push("python3".into());
-        }
-        let mut seen: Vec<String> = Vec::new();
-        let mut unusable: Vec<String> = Vec::new();
+        // What else apps could use, offered when the pin matches nothing.
+        candidates.extend(managed.iter().map(|d| d.join("bin/python3").display().to_string()));
+        candidates.push("python3".into());
+        let mut missing = MissingInterpreter::default();
+        let mut probed: Vec<PathBuf> = Vec::new();
         for candidate in candidates {
+            if candidate.starts_with('/') && !Path::new(&candidate).exists() {
+                continue;
+            }
             let Some(found) = self.probe_interpreter(&candidate).await else { continue };
+            let real = std::fs::canonicalize(&found.path).unwrap_or_else(|_| found.path.clone());
+            if probed.contains(&real) {
+                continue;
+            }
+            probed.push(real.clone());
             // As root, apps run as their own users: an interpreter they
-            // cannot reach (pyenv under /root) is no interpreter for them.
-            if let Err(why) = runnable_by_app_users(&found.path) {
+            // cannot reach (pyenv under /root), or one they (or anyone but
+            // root) could change, is no interpreter for them.
+            let usable = runnable_by_app_users(&found.path).and_then(|()| match managed.iter().find(|d| real.starts_with(d)) {
+                Some(install) => read_only_for_apps(install),
+                None => Ok(()),
+            });
+            if let Err(why) = usable {
                 let note = format!("{} at {} ({why})", found.version, found.path.display());
-                if !unusable.contains(&note) {
-                    unusable.push(note);
+                if !missing.unusable.contains(&note) {
+                    missing.unusable.push(note);
                 }
                 continue;
             }
             if pin.is_none_or(|p| version_matches(p, &found.version)) {
                 return Ok(found);
             }
-            if !seen.contains(&found.version) {
-                seen.push(found.version);
+            if !missing.offered.contains(&found.version) {
+                missing.offered.push(found.version);
             }
         }
-        let pin = pin.unwrap_or("3");
-        let mut msg = match seen.is_empty() {
-            true => format!("python {pin} is not available on this server (no python3 that apps can run)"),
-            false => format!("python {pin} is not available on this server (apps can use {}: pin one of those)", seen.join(", ")),
+        Err(missing)
+    }
+
+    /// `uv python install PIN` into DIR/tools/python, as root, with
+    /// downloads allowed for this one command (builds never download an
+    /// interpreter). uv's download source is the daemon's own settings:
+    /// UV_PYTHON_INSTALL_MIRROR, UV_PYTHON_DOWNLOADS_JSON_URL. Pushes
+    /// asking for the same pin wait for each other; the second finds the
+    /// first one's interpreter. `Err` is what was tried and uv's reason.
+    async fn install_python(&self, pin: &str, progress: &Progress) -> std::result::Result<(), String> {
+        let tried = format!("`uv python install {pin}` into {}", self.layout.interpreters().display());
+        let Some(uv) = self.uv(progress).await else {
+            return Err(format!("could not try `uv python install {pin}`: uv could not be found or installed on this server"));
         };
-        if !unusable.is_empty() {
-            msg.push_str(&format!("; not usable by apps: {}", unusable.join(", ")));
+        let lock = {
+            let mut locks = self.python_locks.lock().unwrap_or_else(|e| e.into_inner());
+            locks.entry(pin.to_string()).or_default().clone()
+        };
+        let _installing = lock.lock().await;
+        if self.search_interpreters(Some(pin)).await.is_ok() {
+            return Ok(());
         }
-        msg.push_str(&format!(
-            "; the operator can install python{pin} where every user can run it (the distribution's package, or `uv python install {pin} --install-dir /opt/python` with /opt/python/*/bin on the daemon's PATH)"
-        ));
-        bail!(msg)
+        progress.info(&format!("installing python {pin} with uv (once, shared)"));
+        let dir = self.layout.interpreters();
+        if let Err(e) = create_shared_dir(&dir) {
+            return Err(format!("tried {tried}: {e}"));
+        }
+        let mut cmd = Command::new(&uv);
+        cmd.args(["python", "install", pin, "--no-bin", "--no-progress", "--install-dir"])
+            .arg(&dir)
+            .current_dir(&dir)
+            .env_clear()
+            .env("PATH", &self.base_path)
+            .env("HOME", self.layout.cache())
+            .envs(host_package_settings())
+            .env("UV_CACHE_DIR", &self.uv_cache)
+            // Only what this command was asked for, whatever the daemon's
+            // environment says about downloads elsewhere.
+            .env("UV_PYTHON_DOWNLOADS", "manual")
+            .env("LANG", "C.UTF-8")
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true);
+        let out = tokio::time::timeout(PYTHON_INSTALL_TIMEOUT, cmd.output()).await;
+        // Whatever uv left (an install, a lock file, a half-unpacked temp
+        // dir) becomes root's and read-only before anything runs it.
+        let shared = share_read_only(&dir).await;
+        let out = match out {
+            Err(_) => return Err(format!("tried {tried}: uv did not finish within {} s", PYTHON_INSTALL_TIMEOUT.as_secs())),
+            Ok(Err(e)) => return Err(format!("tried {tried}: could not run uv: {e}")),
+            Ok(Ok(out)) => out,
+        };
+        if !out.status.success() {
+            return Err(format!("tried {tried}: {}", uv_reason(&String::from_utf8_lossy(&out.stderr))));
+        }
+        shared.map_err(|e| format!("tried {tried}: it installed, but {e:#}"))?;
+        progress.info(&format!("python {pin} installed in {}", dir.display()));
+        Ok(())
     }
 
     async fn probe_interpreter(&self, name: &str) -> Option<Interpreter> {
@@ -466,12 +569,152 @@ fn host_package_settings() -> Vec<(String, String)> {
         .collect()
 }
 
+/// Why a pin found nothing apps can run: the versions they could use, and
+/// the interpreters found that they cannot.
+#[derive(Debug, Default)]
+struct MissingInterpreter {
+    offered: Vec<String>,
+    unusable: Vec<String>,
+}
+
+impl MissingInterpreter {
+    /// The refusal: what is there, what was tried, and what the operator
+    /// can do, with commands that work as written.
+    fn refusal(&self, pin: &str, tried: Option<&str>, shared: &Path) -> String {
+        let mut msg = match self.offered.is_empty() {
+            true => format!("python {pin} is not available on this server (no python3 that apps can run)"),
+            false => format!("python {pin} is not available on this server (apps can use {}: pin one of those)", self.offered.join(", ")),
+        };
+        if !self.unusable.is_empty() {
+            msg.push_str(&format!("; not usable by apps: {}", self.unusable.join(", ")));
+        }
+        if let Some(tried) = tried {
+            msg.push_str(&format!("; {tried}"));
+        }
+        let dir = shared.display();
+        let minor = minor(pin);
+        // Root-owned and read-only, or slipway will not offer it to apps.
+        let seal = if is_root() {
+            format!("chown -R root:root {dir} && chmod -R a+rX,go-w {dir}")
+        } else {
+            format!("chmod -R a+rX,go-w {dir}")
+        };
+        msg.push_str(&format!(
+            "; the operator can provide python {pin}, then push again, by one of: \
+             the distribution's package (/usr/bin/python{minor}); \
+             `uv python install {pin} --no-bin --install-dir {dir} && {seal}` where uv can download it \
+             (or set UV_PYTHON_INSTALL_MIRROR, or UV_PYTHON_DOWNLOADS_JSON_URL naming a JSON list of local builds, \
+             in slipway's environment and pushes install it by themselves); \
+             or unpacking a python-build-standalone install_only archive: \
+             `mkdir -p {dir}/cpython-{pin} && tar -xzf ARCHIVE --strip-components=1 -C {dir}/cpython-{pin} && {seal}`"
+        ));
+        msg
+    }
+}
+
+/// The installs in the shared interpreter directory: real directories
+/// with a `bin`, newest name first; uv's hidden state (`.lock`, `.temp`)
+/// and its minor-version links (`cpython-3.12-…` → `cpython-3.12.1-…`)
+/// are left out, so an environment names the install it was built on.
+fn managed_installs(shared: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(shared) else { return Vec::new() };
+    let mut found: Vec<PathBuf> = entries
+        .flatten()
+        .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .map(|e| e.path())
+        .filter(|p| p.join("bin").is_dir())
+        .collect();
+    found.sort();
+    found.reverse();
+    found
+}
+
+/// Is a managed install root's and closed to writes by anyone else? An
+/// interpreter apps run must not be one an app (or another user) could
+/// change under the others. Only checked when the daemon is root.
+fn read_only_for_apps(install: &Path) -> std::result::Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    if !is_root() {
+        return Ok(());
+    }
+    let check = |p: &Path| -> std::result::Result<std::fs::Metadata, String> {
+        let m = std::fs::symlink_metadata(p).map_err(|e| format!("cannot read {}: {e}", p.display()))?;
+        if !m.file_type().is_symlink() && (m.uid() != 0 || m.mode() & 0o022 != 0) {
+            return Err(format!("{} is not root's or is writable by others", p.display()));
+        }
+        Ok(m)
+    };
+    if let Some(shared) = install.parent() {
+        check(shared)?;
+    }
+    let mut stack = vec![install.to_path_buf()];
+    while let Some(p) = stack.pop() {
+        if check(&p)?.is_dir() {
+            let entries = std::fs::read_dir(&p).map_err(|e| format!("cannot read {}: {e}", p.display()))?;
+            stack.extend(entries.flatten().map(|e| e.path()));
+        }
+    }
+    Ok(())
+}
+
+/// Create the shared interpreter directory (and DIR/tools) open for
+/// reading by app users.
+fn create_shared_dir(dir: &Path) -> std::result::Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    for d in [dir.parent().unwrap_or(dir), dir] {
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).map_err(|e| format!("chmod {}: {e}", d.display()))?;
+    }
+    Ok(())
+}
+
+/// Make the shared interpreter directory root's (when the daemon is root)
+/// and readable, never writable, by everyone else.
+async fn share_read_only(dir: &Path) -> Result<()> {
+    if is_root() {
+        let out = Command::new("chown").args(["-R", "-P", "-h", "0:0"]).arg(dir).output().await.context("chown")?;
+        if !out.status.success() {
+            bail!("chown {}: {}", dir.display(), String::from_utf8_lossy(&out.stderr).trim());
+        }
+    }
+    let out = Command::new("chmod").args(["-R", "a+rX,go-w,ug-s"]).arg(dir).output().await.context("chmod")?;
+    if !out.status.success() {
+        bail!("chmod {}: {}", dir.display(), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
+}
+
+/// uv's reason in one line: its `error:` and its last `cause:`.
+fn uv_reason(stderr: &str) -> String {
+    let error = stderr.lines().find_map(|l| l.trim().strip_prefix("error: ")).map(str::trim);
+    let cause = stderr.lines().filter_map(|l| l.trim().strip_prefix("cause: ")).next_back().map(str::trim);
+    let line = match (error, cause) {
+        (Some(e), Some(c)) => format!("uv says: {e}: {c}"),
+        (Some(e), None) => format!("uv says: {e}"),
+        _ => match stderr.lines().map(str::trim).rfind(|l| !l.is_empty()) {
+            Some(l) => format!("uv says: {l}"),
+            None => "uv failed without saying why".to_string(),
+        },
+    };
+    line.chars().take(400).collect()
+}
+
+/// `3.12.1` → `3.12`; `3` → `3`.
+fn minor(pin: &str) -> String {
+    pin.split('.').take(2).collect::<Vec<_>>().join(".")
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
 /// Can an app's user (not the owner, not in root's group) run `path`?
 /// Only when the daemon is root: otherwise apps run as the daemon's user.
 fn runnable_by_app_users(path: &Path) -> std::result::Result<(), String> {
     use std::os::unix::fs::PermissionsExt;
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    if unsafe { libc::geteuid() } != 0 {
+    if !is_root() {
         return Ok(());
     }
     let real = std::fs::canonicalize(path).map_err(|e| format!("cannot resolve it: {e}"))?;
@@ -682,6 +925,27 @@ mod tests {
         assert!(!version_matches("3.11.8", "3.11.7"));
         assert!(!version_matches("3.1", "3.11.7"));
         assert!(!version_matches("2", "3.11.7"));
+    }
+
+    #[test]
+    fn uv_reason_is_its_error_and_last_cause() {
+        let offline = "error: Failed to install cpython-3.13.18-linux-x86_64-gnu\n  cause: Request failed after 3 retries\n  cause: dns error\n  cause: failed to lookup address information: Name or service not known\n";
+        assert_eq!(
+            uv_reason(offline),
+            "uv says: Failed to install cpython-3.13.18-linux-x86_64-gnu: failed to lookup address information: Name or service not known"
+        );
+        assert_eq!(uv_reason("error: No download found for request: cpython-3.99-linux-x86_64-gnu\n"), "uv says: No download found for request: cpython-3.99-linux-x86_64-gnu");
+        assert_eq!(uv_reason(""), "uv failed without saying why");
+    }
+
+    #[test]
+    fn refusal_gives_commands_that_work_as_written() {
+        let missing = MissingInterpreter { offered: vec!["3.11.2".into()], unusable: vec![] };
+        let msg = missing.refusal("3.12", Some("tried `uv python install 3.12` into /d/tools/python: uv says: offline"), Path::new("/d/tools/python"));
+        assert!(msg.starts_with("python 3.12 is not available on this server (apps can use 3.11.2: pin one of those); tried `uv python install 3.12`"), "{msg}");
+        assert!(msg.contains("`uv python install 3.12 --no-bin --install-dir /d/tools/python && "), "{msg}");
+        assert!(msg.contains("mkdir -p /d/tools/python/cpython-3.12 && tar -xzf ARCHIVE --strip-components=1 -C /d/tools/python/cpython-3.12"), "{msg}");
+        assert!(!msg.contains('*'), "no globs: {msg}");
     }
 
     #[test]

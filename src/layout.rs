@@ -101,6 +101,12 @@ impl Layout {
     pub fn tools(&self) -> PathBuf {
         self.root.join("tools")
     }
+    /// Interpreters shared by every app: root's and read-only, installed
+    /// there by `uv python install --install-dir` (by a push whose pin
+    /// nothing else satisfies, or by the operator) or unpacked there.
+    pub fn interpreters(&self) -> PathBuf {
+        self.tools().join("python")
+    }
     /// Pid files of running processes, per app.
     pub fn run(&self) -> PathBuf {
         self.root.join("run")

@@ -344,7 +344,7 @@ async fn deploy_locked(
         // Containers (docker track): a Dockerfile or [docker] selects them; the image replaces the host environment.
         let live_tree = live_release(p, app).await.ok().flatten().map(|r| p.layout.release(app, r.tree));
         let in_container = runtime::container::prepare(&p.images, &p.layout, app, &dir, &manifest, live_tree.as_deref(), progress).await?;
-        let rt = if in_container { crate::build::Runtime::Generic } else { p.builder.detect(&dir).await? };
+        let rt = if in_container { crate::build::Runtime::Generic } else { p.builder.detect(&dir, progress).await? };
         match &rt {
             _ if in_container => {}
             crate::build::Runtime::Python { deps, interpreter } => progress.step(&format!(
@@ -1092,7 +1092,7 @@ async fn rebuild_tree(p: &Platform, app: &AppName, release: &Release, progress: 
         let manifest = Manifest::load(&dir)?;
         crate::storage::mount(&p.layout, app, &dir, &manifest.storage, p.user_of(app)).await?;
         let in_container = runtime::container::prepare(&p.images, &p.layout, app, &dir, &manifest, None, progress).await?;
-        let rt = if in_container { crate::build::Runtime::Generic } else { p.builder.detect(&dir).await? };
+        let rt = if in_container { crate::build::Runtime::Generic } else { p.builder.detect(&dir, progress).await? };
         let as_user = p.user_of(app).map(|u| (u, p.layout.cache().join(app.as_str())));
         let prepared = p.unless_shutdown(p.builder.prepare(&dir, &rt, as_user, progress)).await.context("dependency install failed")?;
         let env = match prepared {
@@ -1212,7 +1212,7 @@ fn release_env(p: &Platform, app: &AppName, release: &Release) -> Option<Environ
 
 /// Run `cmd` in the release's directory as a one-off, with its env.
 pub fn one_off_command(p: &Platform, app: &AppName, release: &Release, cmd: &str) -> ProcessCommand {
-    let env = release_env(p, app, &release);
+    let env = release_env(p, app, release);
     ProcessCommand {
         command: cmd.to_string(),
         cwd: p.layout.release(app, release.tree),
