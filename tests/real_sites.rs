@@ -18,7 +18,9 @@ fn slow_tests_enabled(name: &str) -> bool {
 
 /// Wagtail's own project template (wagtail start), run by uWSGI from its
 /// Procfile, migrated by `yes "yes" | python manage.py migrate`, with its
-/// database under SLIPWAY_DATA_DIR through DATABASE_URL.
+/// production settings from config vars, its static files collected by the
+/// build phase and served from `[static]`, its SQLite database and uploads
+/// kept by `[storage]`.
 #[test]
 fn wagtail_site_under_uwsgi_deploys_and_keeps_its_data() {
     if !slow_tests_enabled("wagtail_site_under_uwsgi_deploys_and_keeps_its_data") {
@@ -26,18 +28,23 @@ fn wagtail_site_under_uwsgi_deploys_and_keeps_its_data() {
     }
     let server = TestServer::start();
     server.ok(&["apps", "create", "wagtail"]);
-    let db = server.data().join("apps/wagtail/data/db.sqlite3");
-    server.ok(&["config", "set", "wagtail", &format!("DATABASE_URL=sqlite:///{}", db.display())]);
+    // What a Heroku user sets: the settings module and the secret. The
+    // project keeps the template's layout (database, STATIC_ROOT and
+    // MEDIA_ROOT inside it); slipway.toml maps them.
+    server.ok(&["config", "set", "wagtail", "DJANGO_SETTINGS_MODULE=mysite.settings.production", "SECRET_KEY=a-test-secret-that-is-long-enough-for-django"]);
+    let db = server.data().join("apps/wagtail/data/storage/db.sqlite3");
     let repo = AppRepo::example("wagtail-site");
     let out = repo.deploy(&server, "wagtail");
+    assert!(out.contains("collectstatic"), "the build phase collects static files:\n{out}");
     assert!(out.contains("release phase: yes \"yes\" | python manage.py migrate"), "{out}");
     assert!(out.contains("Applying wagtailcore"), "{out}");
     let body = server.wait_body("wagtail", "Welcome to your new Wagtail site", Duration::from_secs(30));
     assert!(body.contains("/static/"), "{body}");
-    assert!(db.is_file(), "the database lives in the app's data dir");
+    assert!(db.is_file(), "the database lives in the app's storage");
 
-    // Production settings: the admin's login page and its hashed static
-    // files, through slipway's proxy.
+    // Production settings (DEBUG off: Django serves no static file): the
+    // admin's login page, and its hashed static files served by slipway's
+    // proxy from the release's collected STATIC_ROOT.
     let (status, login) = server.get("wagtail", "/admin/login/");
     assert_eq!(status, 200, "{login}");
     assert!(login.contains("Sign in"), "{login}");

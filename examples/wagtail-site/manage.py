@@ -6,9 +6,7 @@ import sys
 
 def main():
     """Run administrative tasks."""
-    # Deployment: production settings unless told otherwise (for local work,
-    # export DJANGO_SETTINGS_MODULE=mysite.settings.dev).
-    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "mysite.settings.production")
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "mysite.settings.dev")
     try:
         from django.core.management import execute_from_command_line
     except ImportError as exc:

@@ -11,8 +11,6 @@ import os
 
 from django.core.wsgi import get_wsgi_application
 
-# Deployment: production settings unless told otherwise (for local work,
-# export DJANGO_SETTINGS_MODULE=mysite.settings.dev).
-os.environ.setdefault("DJANGO_SETTINGS_MODULE", "mysite.settings.production")
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "mysite.settings.dev")
 
 application = get_wsgi_application()

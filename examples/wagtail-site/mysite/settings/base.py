@@ -19,10 +19,6 @@ import dj_database_url
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 BASE_DIR = PROJECT_DIR.parent
 
-# Deployment: slipway gives every process of the app a persistent directory
-# that survives releases. Keep the database, uploads and collected static
-# files there when it is set; otherwise keep the template's layout.
-DATA_DIR = Path(os.environ["SLIPWAY_DATA_DIR"]) if os.environ.get("SLIPWAY_DATA_DIR") else BASE_DIR
 
 
 # Quick-start development settings - unsuitable for production
@@ -93,13 +89,11 @@ WSGI_APPLICATION = "mysite.wsgi.application"
 # Database
 # https://docs.djangoproject.com/en/5.2/ref/settings/#databases
 
-# Deployment: DATABASE_URL (e.g. sqlite:////srv/data/db.sqlite3 or
-# postgres://...) when set, else SQLite in DATA_DIR. Defined here rather than
-# in production.py so the release phase's `manage.py migrate` and the web
-# process always agree on the database, whichever settings module they use.
+# Deployment: DATABASE_URL (e.g. postgres://...) when set, else the
+# template's SQLite file in the project.
 DATABASES = {
     "default": dj_database_url.config(
-        default=f"sqlite:///{DATA_DIR / 'db.sqlite3'}",
+        default=f"sqlite:///{BASE_DIR / 'db.sqlite3'}",
         conn_max_age=600,
     )
 }
@@ -148,10 +142,10 @@ STATICFILES_DIRS = [
     PROJECT_DIR / "static",
 ]
 
-STATIC_ROOT = DATA_DIR / "static"
+STATIC_ROOT = BASE_DIR / "static"
 STATIC_URL = "/static/"
 
-MEDIA_ROOT = DATA_DIR / "media"
+MEDIA_ROOT = BASE_DIR / "media"
 MEDIA_URL = "/media/"
 
 # Default storage settings
