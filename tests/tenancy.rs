@@ -205,16 +205,24 @@ fn processes_cannot_escape_stop_or_destroy_with_setsid() {
     repo.commit("a worker whose child leaves its session");
     repo.deploy(&server, "escape");
     let uid = uid_of(server.pids("escape")[0]).expect("uid of web");
-    wait_until("the worker to detach a child", Duration::from_secs(10), || processes_of(uid).len() >= 4);
-    let escaped: Vec<i32> = processes_of(uid)
-        .into_iter()
-        .filter(|&pid| {
-            // A session of its own: its session id is itself.
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-            stat.rsplit(')').next().unwrap_or("").split_whitespace().nth(3).and_then(|s| s.parse::<i32>().ok()) == Some(pid)
-                && std::fs::read_to_string(format!("/proc/{pid}/cmdline")).unwrap_or_default().starts_with("sleep")
-        })
-        .collect();
+    let escaped = || -> Vec<i32> {
+        processes_of(uid)
+            .into_iter()
+            .filter(|&pid| {
+                // A session of its own: its session id is itself.
+                let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+                stat.rsplit(')').next().unwrap_or("").split_whitespace().nth(3).and_then(|s| s.parse::<i32>().ok()) == Some(pid)
+                    && std::fs::read_to_string(format!("/proc/{pid}/cmdline")).unwrap_or_default().starts_with("sleep")
+            })
+            .collect()
+    };
+    // Until the detached child has exec'd `sleep`: counting processes
+    // alone could catch it still being `setsid` (seen under load).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while escaped().is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let escaped = escaped();
     assert!(!escaped.is_empty(), "the worker's child must have left the session: {:?}", processes_of(uid));
 
     server.ok(&["stop", "escape"]);
