@@ -380,7 +380,7 @@ impl Builder {
             ];
             vars.extend(host_package_settings());
             vars.extend(extra);
-            ProcessCommand { command: line, cwd: dir.to_path_buf(), env: vars, user, limits: Default::default(), container: None }
+            ProcessCommand { command: line, cwd: dir.to_path_buf(), env: vars, user, limits: Default::default(), container: None, cgroup: None }
         };
         let q = shell_quote;
         if let Some(uv) = self.uv(progress).await {
@@ -505,6 +505,7 @@ impl Builder {
                     user: None,
                     limits: Default::default(),
                     container: None,
+                    cgroup: None,
                 };
                 match runtime::run_to_end(&cmd, progress, INSTALL_TIMEOUT).await {
                     Ok(()) if bin.is_file() => Some(bin),

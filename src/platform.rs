@@ -238,10 +238,12 @@ impl Platform {
     /// Stop everything that runs as the app's user: one-offs, release
     /// phases and whatever detached from its supervisor (setsid). Only
     /// with isolation, where the uid is the app's alone.
+    /// Then its cgroups, now empty, are removed.
     pub async fn kill_app_processes(&self, app: &AppName) {
         if let Some(user) = self.user_of(app) {
             crate::runtime::kill_user(user).await;
         }
+        crate::runtime::cgroup::remove_app(app.as_str()).await;
     }
 
     /// upgrade track: the same, sparing the process groups in `keep`

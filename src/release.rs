@@ -1220,6 +1220,7 @@ pub fn one_off_command(p: &Platform, app: &AppName, release: &Release, cmd: &str
         user: p.user_of(app),
         limits: Default::default(),
         container: p.images.step_placement(&p.layout.release(app, release.tree), "run"),
+        cgroup: Some(runtime::cgroup::CgroupName::new(app.as_str(), runtime::cgroup::ONE_OFFS)),
     }
 }
 
@@ -1596,7 +1597,11 @@ fn instance_command(
         p.layout.release(app, release.tree)
     };
     let container = p.images.placement(&p.layout.release(app, release.tree), release.version, spec);
-    ProcessCommand { command: spec.command.clone(), cwd, env: vars, user: p.user_of(app), container, limits: spec.limits.clone() }
+    ProcessCommand { command: spec.command.clone(), cwd, env: vars, user: p.user_of(app),
+        container,
+        limits: spec.limits.clone(),
+        cgroup: Some(runtime::cgroup::CgroupName::new(app.as_str(), &spec.name)),
+    }
 }
 
 async fn wait_healthy(inst: &Instance, host: &str, path: &str, timeout: Duration) -> Result<()> {
@@ -1670,7 +1675,11 @@ fn process_env(p: &Platform, app: &AppName, release: &Release, env: Option<&Envi
 
 async fn run_step(p: &Platform, app: &AppName, cmd: &str, dir: &Path, env: &[(String, String)], progress: &Progress) -> Result<()> {
     let container = p.images.step_placement(dir, "step");
-    let pc = ProcessCommand { command: cmd.to_string(), cwd: dir.to_path_buf(), env: env.to_vec(), user: p.user_of(app), container, limits: Default::default() };
+    let pc = ProcessCommand { command: cmd.to_string(), cwd: dir.to_path_buf(), env: env.to_vec(), user: p.user_of(app),
+        container,
+        limits: Default::default(),
+        cgroup: Some(runtime::cgroup::CgroupName::new(app.as_str(), runtime::cgroup::STEPS)),
+    };
     runtime::run_to_end(&pc, progress, STEP_TIMEOUT).await
 }
 

@@ -1,7 +1,8 @@
 //! Where processes run. Today: the host, each process in a process group
 //! of its own so that a stop reaches every grandchild (gunicorn workers
-//! under `sh -c`). Docker comes here later, behind the same two calls:
-//! [`spawn`] for supervised processes, [`run_to_end`] for build steps.
+//! under `sh -c`), and in its type's cgroup ([`cgroup`]). Docker comes
+//! here later, behind the same two calls: [`spawn`] for supervised
+//! processes, [`run_to_end`] for build steps.
 //!
 //! Architecture invariant: only this module creates OS processes for apps
 //! and only it sends them signals.
@@ -19,6 +20,7 @@ use tokio::process::{Child, Command};
 use crate::manifest::Limits;
 use crate::progress::Progress;
 
+pub mod cgroup;
 pub mod container;
 // people track: interactive one-offs (`run -t`) need a terminal.
 pub mod pty;
@@ -35,11 +37,16 @@ pub struct ProcessCommand {
     /// `None`: the daemon's own user.
     pub user: Option<AppUser>,
     /// Its `[processes.X]` limits; unset ones take [`DEFAULT_PROCESSES`]
-    /// and [`DEFAULT_OPEN_FILES`]. Applied only to app users.
+    /// and [`DEFAULT_OPEN_FILES`]. The rlimits apply only to app users;
+    /// memory, CPU and pids through [`cgroup`] whenever `cgroup` is set.
     pub limits: Limits,
     /// `Some`: it runs in a container of this placement; `None`: on the
     /// host. Only this module acts on the difference.
     pub container: Option<std::sync::Arc<container::ContainerPlacement>>,
+    /// The cgroup a host process joins before exec, with `limits`;
+    /// `None` for the daemon's own tool installs. Ignored for containers
+    /// (the engine limits them) and where the host has no usable cgroups.
+    pub cgroup: Option<cgroup::CgroupName>,
 }
 
 /// Processes and threads one app user may have at once, all its types,
@@ -60,11 +67,11 @@ pub struct AppUser {
 pub const SYSTEM_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 impl ProcessCommand {
-    fn to_command(&self) -> Command {
+    fn to_command(&self) -> std::io::Result<Command> {
         if let Some(placement) = &self.container {
             let mut cmd = container::shim_command(self, placement);
             cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).process_group(0).kill_on_drop(false);
-            return cmd;
+            return Ok(cmd);
         }
         // bash, as Heroku uses, execs a simple command in place: the app
         // server is then our direct child and the target of its signals.
@@ -82,6 +89,9 @@ impl ProcessCommand {
             // outlives a stop.
             .process_group(0)
             .kill_on_drop(false);
+        // First of the pre-exec steps: nothing of the app runs before it
+        // is in its cgroup.
+        self.join_cgroup(&mut cmd)?;
         if let Some(u) = self.user {
             // std drops the supplementary groups too when it switches user
             // as root, so nothing of root's access is inherited.
@@ -106,7 +116,15 @@ impl ProcessCommand {
                 });
             }
         }
-        cmd
+        Ok(cmd)
+    }
+
+    /// Make `cmd`'s child join this process's cgroup (see [`cgroup`]).
+    pub(crate) fn join_cgroup(&self, cmd: &mut Command) -> std::io::Result<()> {
+        match &self.cgroup {
+            Some(name) => cgroup::place(cmd, name, &self.limits),
+            None => Ok(()),
+        }
     }
 }
 
@@ -125,7 +143,7 @@ impl ProcessCommand {
 
 /// Start a supervised process. Its pid is also its process group id.
 pub fn spawn(cmd: &ProcessCommand) -> std::io::Result<Child> {
-    cmd.to_command().spawn()
+    cmd.to_command()?.spawn()
 }
 
 /// Signal a whole process group. False when it no longer exists.

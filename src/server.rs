@@ -152,6 +152,9 @@ pub async fn run(cfg: ServerConfig) -> Result<()> {
         isolation,
     ));
 
+    // Once, before any app process starts: where memory and CPU limits
+    // can be enforced on the host.
+    crate::runtime::cgroup::init(platform.layout.root());
     if isolation {
         let in_use = platform.store.min_app_uid()?;
         platform.set_uid_base(crate::runtime::uids::claim(platform.layout.root(), in_use)?);
@@ -345,6 +348,8 @@ pub async fn run(cfg: ServerConfig) -> Result<()> {
             }
         }
     }
+    // Every app's cgroups went with its processes; now the server's own.
+    crate::runtime::cgroup::remove_server().await;
     drop(held);
     let _ = tokio::time::timeout(std::time::Duration::from_secs(5), async {
         let _ = tokio::join!(proxy_task, api_tcp, api_unix, ssh_task, futures_util::future::join_all(tls_tasks));

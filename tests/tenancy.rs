@@ -205,16 +205,24 @@ fn processes_cannot_escape_stop_or_destroy_with_setsid() {
     repo.commit("a worker whose child leaves its session");
     repo.deploy(&server, "escape");
     let uid = uid_of(server.pids("escape")[0]).expect("uid of web");
-    wait_until("the worker to detach a child", Duration::from_secs(10), || processes_of(uid).len() >= 4);
-    let escaped: Vec<i32> = processes_of(uid)
-        .into_iter()
-        .filter(|&pid| {
-            // A session of its own: its session id is itself.
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-            stat.rsplit(')').next().unwrap_or("").split_whitespace().nth(3).and_then(|s| s.parse::<i32>().ok()) == Some(pid)
-                && std::fs::read_to_string(format!("/proc/{pid}/cmdline")).unwrap_or_default().starts_with("sleep")
-        })
-        .collect();
+    let escaped = || -> Vec<i32> {
+        processes_of(uid)
+            .into_iter()
+            .filter(|&pid| {
+                // A session of its own: its session id is itself.
+                let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+                stat.rsplit(')').next().unwrap_or("").split_whitespace().nth(3).and_then(|s| s.parse::<i32>().ok()) == Some(pid)
+                    && std::fs::read_to_string(format!("/proc/{pid}/cmdline")).unwrap_or_default().starts_with("sleep")
+            })
+            .collect()
+    };
+    // Until the detached child has exec'd `sleep`: counting processes
+    // alone could catch it still being `setsid` (seen under load).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while escaped().is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let escaped = escaped();
     assert!(!escaped.is_empty(), "the worker's child must have left the session: {:?}", processes_of(uid));
 
     server.ok(&["stop", "escape"]);
@@ -495,4 +503,125 @@ fn removing_a_key_ends_its_open_sessions_and_revoking_a_token_ends_its_streams()
         };
         assert!(ended, "{what}: the stream must end when its token is revoked: {}", String::from_utf8_lossy(&seen));
     }
+}
+
+/// This server's cgroup directory name (`slipway-` and the hash of its
+/// canonical data dir, as the daemon and its container labels name it).
+fn cgroup_base(server: &TestServer) -> String {
+    use sha2::Digest;
+    let data = server.data().canonicalize().expect("data dir");
+    format!("slipway-{}", hex::encode(&sha2::Sha256::digest(data.as_os_str().as_encoded_bytes())[..8]))
+}
+
+/// Where this server's cgroups are on the host: the root of v2, or below
+/// the daemon's own cgroup in each v1 tree.
+fn cgroup_dirs(daemon: u32, base: &str) -> Vec<std::path::PathBuf> {
+    let root = std::path::Path::new("/sys/fs/cgroup");
+    if root.join("cgroup.controllers").exists() {
+        return vec![root.join(base)];
+    }
+    let own = std::fs::read_to_string(format!("/proc/{daemon}/cgroup")).expect("daemon cgroup");
+    ["memory", "cpu", "pids"]
+        .iter()
+        .filter_map(|c| {
+            let path = own.lines().find_map(|l| {
+                let f: Vec<&str> = l.splitn(3, ':').collect();
+                (f.len() == 3 && f[1].split(',').any(|x| x == *c)).then(|| f[2].trim_start_matches('/').to_string())
+            })?;
+            Some(root.join(c).join(path).join(base))
+        })
+        .collect()
+}
+
+/// User and system CPU time of `pid`, in clock ticks (fields 14 and 15).
+fn cpu_ticks(pid: i32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let rest: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
+    rest.get(11).and_then(|u| u.parse::<u64>().ok()).unwrap_or(0) + rest.get(12).and_then(|s| s.parse::<u64>().ok()).unwrap_or(0)
+}
+
+#[test]
+fn memory_and_cpu_limits_of_a_process_type_hold_in_its_cgroup() {
+    if !is_root() {
+        eprintln!("skipping: cgroups are written only by a daemon running as root");
+        return;
+    }
+    let server = TestServer::start();
+    if server.server_log().contains("cgroups are not usable") {
+        eprintln!("skipping: this host offers no usable cgroups (the daemon said so): {}", tail(&server.server_log(), 5));
+        return;
+    }
+    AppRepo::hello("calm").deploy(&server, "calm");
+    let repo = AppRepo::hello("hogs");
+    // The hog waits for the test's go (a file in its data dir), then asks
+    // for 512 MiB, touching every page; the spinner never sleeps.
+    repo.write(
+        "hog.py",
+        "import os, time\n\
+         go = os.path.join(os.environ['SLIPWAY_DATA_DIR'], 'go')\n\
+         while not os.path.exists(go):\n\
+         \x20   time.sleep(0.05)\n\
+         held = []\n\
+         for i in range(512):\n\
+         \x20   held.append(b'x' * (1 << 20))\n\
+         print('hog survived with', len(held), 'MiB', flush=True)\n\
+         time.sleep(1000)\n",
+    );
+    repo.write(
+        "Procfile",
+        "web: gunicorn app:app --bind 127.0.0.1:$PORT --workers 1\nhog: exec python hog.py\nspin: exec python -c 'while True: pass'\n",
+    );
+    repo.write("slipway.toml", "[processes.hog]\nmemory = \"64M\"\nrestart = \"never\"\n\n[processes.spin]\ncpus = 0.2\n");
+    repo.commit("a memory hog and a spinner");
+    repo.deploy(&server, "hogs");
+    let rows = server.json(&["ps", "hogs", "--json"]);
+    let pid_of = |ty: &str| {
+        rows.as_array().expect("ps rows").iter().find(|r| r["type"] == ty).and_then(|r| r["pid"].as_i64()).map(|p| p as i32).unwrap_or_else(|| panic!("no {ty} process: {rows}"))
+    };
+    let (hog, spin) = (pid_of("hog"), pid_of("spin"));
+
+    // Each process is in its type's cgroup, in every controller.
+    let base = cgroup_base(&server);
+    for (pid, ty) in [(hog, "hog"), (spin, "spin"), (pid_of("web"), "web")] {
+        let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).expect("cgroup");
+        let want = format!("/{base}/hogs/{ty}");
+        let joined: Vec<&str> = cgroups.lines().filter(|l| l.ends_with(&want)).collect();
+        let v2 = std::path::Path::new("/sys/fs/cgroup/cgroup.controllers").exists();
+        let expected = if v2 { &["0::"][..] } else { &["memory", "cpu", "pids"][..] };
+        for c in expected {
+            assert!(joined.iter().any(|l| l.contains(c)), "{ty} (pid {pid}) must be in {want} for {c}:\n{cgroups}");
+        }
+    }
+
+    // The spinner gets about a fifth of a CPU: well under half.
+    let (t0, start) = (cpu_ticks(spin), Instant::now());
+    std::thread::sleep(Duration::from_secs(2));
+    let used = (cpu_ticks(spin) - t0) as f64 / 100.0 / start.elapsed().as_secs_f64();
+    eprintln!("spinner with cpus = 0.2 used {:.0}% of a CPU", used * 100.0);
+    assert!(used > 0.0, "the spinner must have run");
+    assert!(used < 0.5, "cpus = 0.2 must hold the spinner well under half a CPU, not {:.0}%", used * 100.0);
+
+    // The hog is stopped at 64 MiB; the daemon and the other app are not.
+    std::fs::write(server.data().join("apps/hogs/data/go"), "").expect("go");
+    let (peak, failed, total) = during(&server, || wait_until("the hog to be killed", Duration::from_secs(30), || !alive(hog)));
+    let logs = server.ok(&["logs", "hogs", "-n", "200"]);
+    assert!(!logs.contains("hog survived"), "64M must stop the hog long before 512 MiB:\n{}", tail(&logs, 20));
+    assert!(logs.contains("signal 9"), "the hog is killed (OOM, signal 9):\n{}", tail(&logs, 20));
+    assert_eq!(failed, 0, "the calm app kept serving ({failed} of {total} requests failed)");
+    assert!(peak < 200, "the daemon is unaffected (peak RSS {peak} MiB)");
+    assert!(alive(server.pid() as i32));
+    assert!(server.get("hogs", "/").0 == 200, "the hog's own web type, in a cgroup of its own, still serves");
+
+    // Destroying the app removes its cgroups; stopping the server, the rest.
+    server.ok(&["apps", "destroy", "hogs", "--confirm", "hogs"]);
+    let dirs = cgroup_dirs(server.pid(), &base);
+    assert_eq!(dirs.iter().filter(|d| d.exists()).count(), dirs.len(), "the server's cgroups exist while it runs: {dirs:?}");
+    for d in &dirs {
+        assert!(!d.join("hogs").exists(), "{} must go with the app", d.join("hogs").display());
+        assert!(d.join("calm/web").exists(), "{} stays while calm runs", d.join("calm/web").display());
+    }
+    let mut server = server;
+    assert!(server.stop(), "the daemon stops on SIGTERM");
+    let left: Vec<_> = dirs.iter().filter(|d| d.exists()).collect();
+    assert!(left.is_empty(), "a stopped server leaves no cgroup behind: {left:?}");
 }

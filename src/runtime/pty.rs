@@ -73,7 +73,7 @@ impl Pty {
 /// Start a one-off as `cmd` says (user, directory, environment), its stdin,
 /// stdout and stderr each a pipe of their own, in its own process group.
 pub fn spawn_piped(cmd: &ProcessCommand) -> std::io::Result<Child> {
-    let mut c = cmd.to_command();
+    let mut c = cmd.to_command()?;
     c.stdin(Stdio::piped());
     c.spawn()
 }
@@ -90,6 +90,7 @@ pub fn spawn_on_terminal(cmd: &ProcessCommand, size: WindowSize) -> std::io::Res
     if let Some(u) = cmd.user {
         c.uid(u.uid).gid(u.gid);
     }
+    cmd.join_cgroup(&mut c)?;
     spawn_in_terminal(c, size, cmd.user.map(|u| (u.uid, u.gid)))
 }
 
