@@ -1155,7 +1155,7 @@ async fn adopt(p: &Platform, app: &AppName, version: u32, leftovers: &[crate::su
             release: version,
             ptype: spec.name.clone(),
             index: l.index,
-            command: instance_command(p, app, &release, spec, env.as_ref(), l.port, from_current),
+            command: instance_command(p, app, &release, spec, l.index, env.as_ref(), l.port, from_current),
             port: l.port,
             restart: spec.restart,
             stop_signal: spec.stop_signal,
@@ -1449,7 +1449,7 @@ fn reloadable_in_place(
     }
     running.iter().all(|inst| {
         let st = inst.status();
-        let wanted = instance_command(p, app, release, spec, env, inst.spec.port, true);
+        let wanted = instance_command(p, app, release, spec, inst.spec.index, env, inst.spec.port, true);
         let strip = |v: &[(String, String)]| -> Vec<(String, String)> {
             v.iter().filter(|(k, _)| k != "SLIPWAY_RELEASE").cloned().collect()
         };
@@ -1560,7 +1560,7 @@ fn spawn_instance(
             release: release.version,
             ptype: spec.name.clone(),
             index,
-            command: instance_command(p, app, release, spec, env, port, from_current),
+            command: instance_command(p, app, release, spec, index, env, port, from_current),
             port,
             restart: spec.restart,
             stop_signal: spec.stop_signal,
@@ -1573,11 +1573,13 @@ fn spawn_instance(
 /// What an instance runs. Types that reload in place run from `current`
 /// (with `PWD` naming the link, which gunicorn keeps as its directory), so
 /// a reload picks up whatever release `current` points at by then.
+#[allow(clippy::too_many_arguments)]
 fn instance_command(
     p: &Platform,
     app: &AppName,
     release: &Release,
     spec: &ProcessSpec,
+    index: u32,
     env: Option<&Environment>,
     port: Option<u16>,
     from_current: bool,
@@ -1600,7 +1602,7 @@ fn instance_command(
     ProcessCommand { command: spec.command.clone(), cwd, env: vars, user: p.user_of(app),
         container,
         limits: spec.limits.clone(),
-        cgroup: Some(runtime::cgroup::CgroupName::new(app.as_str(), &spec.name)),
+        cgroup: Some(runtime::cgroup::CgroupName::instance(app.as_str(), &spec.name, index, release.version)),
     }
 }
 
@@ -1946,6 +1948,16 @@ pub async fn ensure_app_dirs(p: &Platform, app: &AppName) -> Result<()> {
 
 async fn stop_all(instances: Vec<Arc<Instance>>) {
     futures_util::future::join_all(instances.iter().map(|i| i.stop())).await;
+    prune_cgroups(&instances);
+}
+
+/// The stopped instances' cgroups go with them (one per instance).
+fn prune_cgroups(instances: &[Arc<Instance>]) {
+    let mut apps: Vec<&str> = instances.iter().map(|i| i.spec.app.as_str()).collect();
+    apps.dedup();
+    for app in apps {
+        runtime::cgroup::prune_app(app);
+    }
 }
 
 /// Stop the old processes of a switch, saying in the operation's output
@@ -1954,6 +1966,7 @@ async fn stop_old(instances: Vec<Arc<Instance>>, progress: &Progress) {
     for what in futures_util::future::join_all(instances.iter().map(|i| i.stop())).await.into_iter().flatten() {
         progress.info(&what);
     }
+    prune_cgroups(&instances);
 }
 
 fn upstream_of(inst: &Arc<Instance>) -> Option<Arc<Upstream>> {

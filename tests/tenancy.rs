@@ -580,11 +580,11 @@ fn memory_and_cpu_limits_of_a_process_type_hold_in_its_cgroup() {
     };
     let (hog, spin) = (pid_of("hog"), pid_of("spin"));
 
-    // Each process is in its type's cgroup, in every controller.
+    // Each process is in its own instance's cgroup, in every controller.
     let base = cgroup_base(&server);
     for (pid, ty) in [(hog, "hog"), (spin, "spin"), (pid_of("web"), "web")] {
         let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).expect("cgroup");
-        let want = format!("/{base}/hogs/{ty}");
+        let want = format!("/{base}/hogs/{ty}.1.v1");
         let joined: Vec<&str> = cgroups.lines().filter(|l| l.ends_with(&want)).collect();
         let v2 = std::path::Path::new("/sys/fs/cgroup/cgroup.controllers").exists();
         let expected = if v2 { &["0::"][..] } else { &["memory", "cpu", "pids"][..] };
@@ -618,7 +618,7 @@ fn memory_and_cpu_limits_of_a_process_type_hold_in_its_cgroup() {
     assert_eq!(dirs.iter().filter(|d| d.exists()).count(), dirs.len(), "the server's cgroups exist while it runs: {dirs:?}");
     for d in &dirs {
         assert!(!d.join("hogs").exists(), "{} must go with the app", d.join("hogs").display());
-        assert!(d.join("calm/web").exists(), "{} stays while calm runs", d.join("calm/web").display());
+        assert!(d.join("calm/web.1.v1").exists(), "{} stays while calm runs", d.join("calm/web.1.v1").display());
     }
     let mut server = server;
     assert!(server.stop(), "the daemon stops on SIGTERM");

@@ -2,13 +2,13 @@
 //! process type (`[processes.X] memory`, `cpus`, `processes`), which
 //! rlimits cannot express.
 //!
-//! Each app process type gets a cgroup `slipway-ID/APP/TYPE` (under the
+//! Each app process instance gets a cgroup `slipway-ID/APP/TYPE.N.vR` (under the
 //! root of v2, under the daemon's own cgroup in each v1 tree), ID naming
 //! this server's data dir (the same hash that labels its containers), so
 //! two servers on one host never share one. One-offs join `APP/_run` and
 //! pipeline steps (build phase, test gate, release phase) `APP/_step`,
-//! with the default limits. A type's limits hold for all its instances
-//! together (old ones draining during a deploy included). Unset: no memory
+//! with the default limits. A type's limits hold for each of its
+//! instances, as they do per container. Unset: no memory
 //! or CPU cap, [`super::DEFAULT_PROCESSES`] pids; the cgroup exists anyway.
 //!
 //! The host is inspected once at start ([`init`]): cgroup v2 (unified,
@@ -43,6 +43,13 @@ pub struct CgroupName {
 impl CgroupName {
     pub fn new(app: &str, kind: &str) -> Self {
         CgroupName { app: app.to_string(), kind: kind.to_string() }
+    }
+
+    /// One instance's own cgroup, `TYPE.INDEX.vRELEASE`: a limit holds per
+    /// process, as it does per container, and a deploy's new instance
+    /// never shares its budget with the old one it replaces.
+    pub fn instance(app: &str, ptype: &str, index: u32, release: u32) -> Self {
+        CgroupName { app: app.to_string(), kind: format!("{ptype}.{index}.v{release}") }
     }
 }
 
@@ -120,6 +127,23 @@ pub async fn remove_app(app: &str) {
             }
         }
         remove_dir(&dir).await;
+    }
+}
+
+/// Remove the app's cgroups that are empty now, without waiting: those
+/// of stopped instances. One a SIGKILLed process still holds for a moment
+/// is taken by a later prune, `remove_app` or `remove_server`.
+pub fn prune_app(app: &str) {
+    let Some(host) = host() else { return };
+    for base in host.bases() {
+        let Ok(entries) = std::fs::read_dir(base.join(app)) else { continue };
+        for e in entries.flatten() {
+            let name = e.file_name();
+            // The steps' and one-offs' cgroups stay for the next one.
+            if name.to_str().is_some_and(|n| !n.starts_with('_')) && e.file_type().is_ok_and(|t| t.is_dir()) {
+                let _ = std::fs::remove_dir(e.path());
+            }
+        }
     }
 }
 
