@@ -538,3 +538,53 @@ fn kill_processes_under(dir: &std::path::Path) {
         }
     }
 }
+
+/// issue 9 #2: a configured `[build] command` runs in the new release tree
+/// as the app's user, its output is part of the release (a rollback brings
+/// its own back), a failing build rejects the push, and the tree is sealed
+/// before anything serves from it.
+#[test]
+fn a_build_command_writes_into_its_release_and_a_failing_one_rejects_the_push() {
+    let server = TestServer::start();
+    let app = "import os\n\
+               def app(environ, start_response):\n\
+               \x20   body = open('built/version.txt', 'rb').read()\n\
+               \x20   try:\n\
+               \x20       open('built/after.txt', 'w').write('x')\n\
+               \x20       body += b' writable'\n\
+               \x20   except OSError:\n\
+               \x20       body += b' sealed'\n\
+               \x20   start_response('200 OK', [('Content-Type', 'text/plain'), ('Content-Length', str(len(body)))])\n\
+               \x20   return [body]\n";
+    let repo = AppRepo::new(&[
+        ("requirements.txt", "gunicorn==27.0.1\n"),
+        ("Procfile", "web: gunicorn app:app --bind 127.0.0.1:$PORT --workers 1\n"),
+        ("app.py", app),
+        ("slipway.toml", "[build]\ncommand = \"mkdir -p built && echo one-$(id -u) > built/version.txt\"\n"),
+    ]);
+    let out = repo.deploy(&server, "builder");
+    assert!(out.contains("build phase"), "{out}");
+    let (status, body) = server.get("builder", "/");
+    assert_eq!(status, 200, "{body}");
+    assert!(body.starts_with("one-") && body.ends_with("\n sealed"), "built output served, tree sealed: {body}");
+    if is_root() {
+        assert!(!body.starts_with("one-0\n"), "the build runs as the app's user, not root: {body}");
+    }
+
+    repo.write("slipway.toml", "[build]\ncommand = \"mkdir -p built && echo two > built/version.txt\"\n");
+    repo.commit("two");
+    repo.deploy(&server, "builder");
+    assert!(server.get("builder", "/").1.starts_with("two\n"));
+
+    // A failing build: refused, nothing changes.
+    repo.write("slipway.toml", "[build]\ncommand = \"echo cannot build >&2; exit 3\"\n");
+    repo.commit("broken build");
+    let (ok, out) = repo.push(&server.git_url("builder"), "main");
+    assert!(!ok, "a failing build phase must reject the push: {out}");
+    assert!(out.contains("cannot build"), "the build's output is shown: {out}");
+    assert!(server.get("builder", "/").1.starts_with("two\n"));
+
+    // Rollback brings back v1's own build output.
+    server.ok(&["rollback", "builder", "v1"]);
+    assert!(server.get("builder", "/").1.starts_with("one-"));
+}
