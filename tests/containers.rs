@@ -6,9 +6,12 @@
 
 mod util;
 
+use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 
-use slipway::container::{server_id, Engine, LABEL_APP, LABEL_SERVER};
+use bollard::models::ContainerSummary;
+use bollard::query_parameters::ListContainersOptionsBuilder;
+use slipway::container::{server_id, Engine, LABEL_APP, LABEL_SERVER, LABEL_TYPE};
 use util::*;
 
 fn slow_tests_enabled(name: &str) -> bool {
@@ -39,6 +42,22 @@ fn block_on<T>(f: impl std::future::Future<Output = T>) -> T {
 fn containers_of(server: &ContainerServer) -> Vec<String> {
     let label = format!("{LABEL_SERVER}={}", server_id(&server.data()));
     block_on(async { Engine::connect().await.expect("engine").containers(&[label]).await.expect("list") })
+}
+
+/// The running web containers of `app` under this test's daemon.
+fn web_containers(server: &ContainerServer, app: &str) -> Vec<ContainerSummary> {
+    let labels = vec![format!("{LABEL_SERVER}={}", server_id(&server.data())), format!("{LABEL_APP}={app}"), format!("{LABEL_TYPE}=web")];
+    let filters = HashMap::from([("label".to_string(), labels)]);
+    block_on(async {
+        let engine = Engine::connect().await.expect("engine");
+        engine.docker().list_containers(Some(ListContainersOptionsBuilder::default().filters(&filters).build())).await.expect("list")
+    })
+}
+
+/// The ids of the images this test's daemon has in the engine.
+fn image_ids_of(server: &ContainerServer) -> BTreeSet<String> {
+    let label = format!("{LABEL_SERVER}={}", server_id(&server.data()));
+    block_on(async { Engine::connect().await.expect("engine").images(&label).await.expect("list") }).into_iter().map(|i| i.id).collect()
 }
 
 /// A daemon whose containers and app images are removed (by label)
@@ -265,4 +284,41 @@ fn restarted_daemon_removes_exactly_its_own_leftover_containers() {
     // The other daemon's container was not touched.
     assert_eq!(containers_of(&other).len(), 1);
     assert!(other.get("keep", "/").1.starts_with("crash container"));
+}
+
+#[test]
+fn promoted_dockerfile_app_runs_stagings_image_and_its_release_phase_in_it() {
+    if !slow_tests_enabled("promoted_dockerfile_app_runs_stagings_image_and_its_release_phase_in_it") {
+        return;
+    }
+    ensure_base();
+    let server = ContainerServer::start(&["stage", "prod"]);
+    let repo = dockerfile_app("staged", "replace");
+    // The release phase writes down where it ran.
+    repo.write(
+        "slipway.toml",
+        "[processes.web]\nreload = \"replace\"\n\
+         [release]\ncommand = \"if test -f /.dockerenv; then echo container; else echo host; fi > $SLIPWAY_DATA_DIR/released-in\"\n",
+    );
+    repo.commit("release phase");
+    repo.deploy(&server, "stage");
+    let stage_web = web_containers(&server, "stage");
+    assert_eq!(stage_web.len(), 1);
+    let stage_image = stage_web[0].image_id.clone().expect("image id");
+    server.ok(&["apps", "create", "prod"]);
+    let images_before = image_ids_of(&server);
+
+    let out = server.ok(&["promote", "stage", "--to", "prod"]);
+    assert!(out.contains("promote: image "), "{out}");
+    assert!(!out.contains("building") && !out.contains("container deploy"), "a promotion built an image:\n{out}");
+    // prod's own release phase ran, in the container, with prod's data dir.
+    let released = std::fs::read_to_string(server.data().join("apps/prod/data/released-in")).expect("prod's release phase ran");
+    assert_eq!(released.trim(), "container");
+    let (status, body) = server.get("prod", "/");
+    assert_eq!(status, 200, "{body}");
+    assert!(body.starts_with("staged container"), "{body}");
+    // prod runs staging's very image; nothing new is in the engine.
+    let prod_images: Vec<_> = web_containers(&server, "prod").into_iter().map(|c| c.image_id.unwrap_or_default()).collect();
+    assert_eq!(prod_images, vec![stage_image], "prod's containers run staging's image");
+    assert_eq!(image_ids_of(&server), images_before, "no image was built by the promotion");
 }

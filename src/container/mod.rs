@@ -16,7 +16,7 @@ use std::path::Path;
 use anyhow::{anyhow, Context, Result};
 use bollard::query_parameters::{
     BuildImageOptionsBuilder, ListContainersOptionsBuilder, ListImagesOptionsBuilder,
-    RemoveContainerOptionsBuilder, RemoveImageOptionsBuilder,
+    RemoveContainerOptionsBuilder, RemoveImageOptionsBuilder, TagImageOptionsBuilder,
 };
 use bollard::Docker;
 use futures_util::StreamExt;
@@ -109,6 +109,13 @@ impl Engine {
             Err(bollard::errors::Error::DockerResponseServerError { status_code: 409 | 404, .. }) => Ok(false),
             Err(e) => Err(e).with_context(|| format!("removing image {name}")),
         }
+    }
+
+    /// Give the image `source` (a tag or an id) the tag `repo:tag` too: the
+    /// same image under a second name, nothing built.
+    pub async fn tag_image(&self, source: &str, repo: &str, tag: &str) -> Result<()> {
+        let opts = TagImageOptionsBuilder::default().repo(repo).tag(tag).build();
+        self.docker.tag_image(source, Some(opts)).await.with_context(|| format!("tagging image {source} as {repo}:{tag}"))
     }
 
     /// The containers (running or not) carrying all of `labels` (`key=value`).

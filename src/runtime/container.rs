@@ -196,6 +196,11 @@ fn base_placement(image: &AppImage, release: u32, kind: &str) -> ContainerPlacem
     }
 }
 
+/// The repository part of `app`'s image tags.
+fn image_repo(app: &str) -> String {
+    format!("slipway/{app}")
+}
+
 /// The host's CA bundle: `SSL_CERT_FILE`, else Debian's.
 fn ca_bundle() -> Option<PathBuf> {
     std::env::var_os("SSL_CERT_FILE")
@@ -218,6 +223,17 @@ pub async fn prepare(
     live_tree: Option<&Path>,
     progress: &Progress,
 ) -> Result<bool> {
+    // A tree this daemon already prepared (a rollback, a restart, a
+    // promotion's switch) keeps the image it was prepared with while the
+    // engine holds it: a base image imported again since would change the
+    // key, and a release's image never changes under it.
+    if let Some(known) = images.get(tree) {
+        let engine = Engine::connect().await?;
+        if engine.image(&known.tag).await?.is_some_and(|i| i.id == known.id) {
+            progress.step(&format!("code deploy: image {} reused (the release's own image)", short_id(&known.id)));
+            return Ok(true);
+        }
+    }
     let base = python_image(&crate::container::base::host_suite());
     let plan = {
         let (tree, manifest, base) = (tree.to_path_buf(), manifest.clone(), base.clone());
@@ -246,7 +262,7 @@ pub async fn prepare(
         }
     }
     let key = plan.key(&base_ids);
-    let tag = format!("slipway/{app}:{key}");
+    let tag = format!("{}:{key}", image_repo(app.as_str()));
     let inputs_label = plan.label(&base_ids);
     let what = describe_inputs(&plan);
     if plan.whole_tree {
@@ -312,6 +328,57 @@ pub async fn prepare(
     Ok(true)
 }
 
+/// Runtime selection and the image for `tree`, a promotion of the release
+/// tree `from_tree` of the app `from`: the same image, never rebuilt. The
+/// image `from` runs gets `app`'s tag too (its releases and collection go
+/// by tag), so the target's release phase and processes run in exactly
+/// the image that was checked on `from`. `false` when `from`'s release
+/// runs on the host.
+#[allow(clippy::too_many_arguments)]
+pub async fn prepare_promoted(
+    images: &AppImages,
+    layout: &Layout,
+    from: &AppName,
+    from_tree: &Path,
+    app: &AppName,
+    tree: &Path,
+    manifest: &Manifest,
+    progress: &Progress,
+) -> Result<bool> {
+    // The source's image is known once its release was prepared (deployed,
+    // or restored by this daemon); asking again only finds it by its tag.
+    let source = match images.get(from_tree) {
+        Some(s) => s,
+        None => {
+            if !prepare(images, layout, from, from_tree, manifest, None, progress).await? {
+                images.remove(tree);
+                return Ok(false);
+            }
+            images.get(from_tree).ok_or_else(|| anyhow!("the image of {} vanished", from_tree.display()))?
+        }
+    };
+    let engine = Engine::connect().await?;
+    let key = source.tag.rsplit_once(':').map(|(_, k)| k).unwrap_or(&source.tag);
+    let repo = image_repo(app.as_str());
+    // By id: the source's tag could have been moved since.
+    engine.tag_image(&source.id, &repo, key).await?;
+    progress.step(&format!("promote: image {} of {from} reused (nothing built)", short_id(&source.id)));
+    images.insert(
+        tree,
+        AppImage {
+            tag: format!("{repo}:{key}"),
+            id: source.id.clone(),
+            inputs: source.inputs.clone(),
+            app_dir: layout.app(app),
+            data_dir: layout.app_data(app),
+            logs_dir: layout.logs(app),
+            server: engine::server_id(layout.root()),
+            app: app.to_string(),
+        },
+    );
+    Ok(true)
+}
+
 fn describe_inputs(plan: &ImagePlan) -> String {
     let mut parts = vec![if plan.dockerfile_path.is_some() { "Dockerfile".to_string() } else { "generated Dockerfile".to_string() }];
     let deps: Vec<&str> = plan.files.keys().map(String::as_str).filter(|f| inputs::DEPENDENCY_FILES.contains(f)).collect();
@@ -344,20 +411,21 @@ pub async fn collect_images(images: &AppImages, layout: &Layout, app: &AppName) 
     let keep = images.tags_of(app.as_str());
     let server = engine::server_id(layout.root());
     let Ok(engine) = Engine::connect().await else { return 0 };
-    let Ok(list) = engine.images(&format!("{}={app}", engine::LABEL_APP)).await else { return 0 };
+    // By tag, not by the image's app label: a promoted image was built for
+    // (and labelled with) the source app and carries the target's tag too.
+    // Only the app's own tags go; an image with another tag left stays.
+    let Ok(list) = engine.images(&format!("{}={server}", engine::LABEL_SERVER)).await else { return 0 };
     let mut n = 0;
-    for img in list {
-        // Another daemon's app of the same name is not ours to collect.
-        if img.labels.get(engine::LABEL_SERVER) != Some(&server) || img.tags.iter().any(|t| keep.contains(t)) {
-            continue;
-        }
-        for t in &img.tags {
-            if engine.remove_image(t).await.unwrap_or(false) {
-                n += 1;
-            }
+    for t in list.iter().flat_map(|i| &i.tags).filter(|t| is_tag_of(t, app.as_str()) && !keep.contains(t)) {
+        if engine.remove_image(t).await.unwrap_or(false) {
+            n += 1;
         }
     }
     n
+}
+
+fn is_tag_of(tag: &str, app: &str) -> bool {
+    tag.rsplit_once(':').is_some_and(|(repo, _)| repo == image_repo(app))
 }
 
 /// What the app's images take, in words (`2 images, 245 MB`), or `None`
@@ -366,8 +434,8 @@ pub async fn collect_images(images: &AppImages, layout: &Layout, app: &AppName) 
 pub async fn image_usage(layout: &Layout, app: &AppName) -> Option<String> {
     let engine = Engine::connect().await.ok()?;
     let server = engine::server_id(layout.root());
-    let list = engine.images(&format!("{}={app}", engine::LABEL_APP)).await.ok()?;
-    let mine: Vec<_> = list.into_iter().filter(|i| i.labels.get(engine::LABEL_SERVER) == Some(&server)).collect();
+    let list = engine.images(&format!("{}={server}", engine::LABEL_SERVER)).await.ok()?;
+    let mine: Vec<_> = list.into_iter().filter(|i| i.tags.iter().any(|t| is_tag_of(t, app.as_str()))).collect();
     if mine.is_empty() {
         return None;
     }
