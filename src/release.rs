@@ -1192,8 +1192,8 @@ pub async fn destroy(p: &Platform, app: &AppName, actor: &Actor) -> Result<()> {
     }
     p.logs.forget(app);
     collect_envs(p).await;
-    // Containers (docker track): the app's images go with it.
-    runtime::container::collect_images(&p.images, &p.layout, app).await;
+    // Containers (docker track): the app's images and network go with it.
+    runtime::container::remove_app(&p.images, &p.layout, app).await;
     p.event(Some(app), actor, "destroy", "", "ok").await;
     Ok(())
 }

@@ -95,7 +95,8 @@ impl Drop for ContainerServer {
         let apps = self.apps.clone();
         block_on(async move {
             let Ok(engine) = Engine::connect().await else { return };
-            let _ = engine.remove_containers(&[label]).await;
+            let _ = engine.remove_containers(std::slice::from_ref(&label)).await;
+            let _ = engine.remove_networks(&[label]).await;
             for app in apps {
                 for img in engine.images(&format!("{LABEL_APP}={app}")).await.unwrap_or_default() {
                     if img.labels.get(LABEL_SERVER) == Some(&id) {
@@ -321,4 +322,74 @@ fn promoted_dockerfile_app_runs_stagings_image_and_its_release_phase_in_it() {
     let prod_images: Vec<_> = web_containers(&server, "prod").into_iter().map(|c| c.image_id.unwrap_or_default()).collect();
     assert_eq!(prod_images, vec![stage_image], "prod's containers run staging's image");
     assert_eq!(image_ids_of(&server), images_before, "no image was built by the promotion");
+}
+
+/// A WSGI app that connects, from inside its container, to the address in
+/// its path (`/connect/IP/PORT`) and says whether it could.
+const CONNECT_APP: &str = "import socket\n\
+def app(environ, start_response):\n\
+\x20   parts = environ['PATH_INFO'].strip('/').split('/')\n\
+\x20   if parts[0] == 'connect':\n\
+\x20       s = socket.socket()\n\
+\x20       s.settimeout(3)\n\
+\x20       try:\n\
+\x20           s.connect((parts[1], int(parts[2])))\n\
+\x20           body = 'connected'\n\
+\x20       except OSError as e:\n\
+\x20           body = f'failed: {e}'\n\
+\x20   else:\n\
+\x20       body = 'answered'\n\
+\x20   body = body.encode()\n\
+\x20   start_response('200 OK', [('Content-Type', 'text/plain'), ('Content-Length', str(len(body)))])\n\
+\x20   return [body]\n";
+
+/// Where a container listens on its own network: its address there and
+/// the port its app binds.
+fn address_of(c: &ContainerSummary) -> (String, u16) {
+    let nets = c.network_settings.as_ref().and_then(|n| n.networks.as_ref()).expect("networks");
+    assert_eq!(nets.len(), 1, "{nets:?}");
+    let (name, ep) = nets.iter().next().expect("one network");
+    assert!(name != "bridge" && name != "host", "on the shared network {name}");
+    let port = c.ports.as_ref().and_then(|p| p.first()).map(|p| p.private_port).expect("a published port");
+    (ep.ip_address.clone().expect("ip"), port)
+}
+
+#[test]
+fn an_apps_container_cannot_reach_another_apps_container_past_the_proxy() {
+    if !slow_tests_enabled("an_apps_container_cannot_reach_another_apps_container_past_the_proxy") {
+        return;
+    }
+    ensure_base();
+    let server = ContainerServer::start(&["alpha", "beta"]);
+    let repo = dockerfile_app("unused", "replace");
+    repo.write("app.py", CONNECT_APP);
+    repo.commit("connect app");
+    repo.deploy(&server, "alpha");
+    repo.deploy(&server, "beta");
+    let (alpha_ip, alpha_port) = address_of(&web_containers(&server, "alpha")[0]);
+    let (beta_ip, beta_port) = address_of(&web_containers(&server, "beta")[0]);
+
+    // The probe works: alpha reaches its own container on its network.
+    let (status, body) = server.get("alpha", &format!("/connect/{alpha_ip}/{alpha_port}"));
+    assert_eq!((status, body.as_str()), (200, "connected"));
+    // beta's container is out of alpha's reach, while beta answers through
+    // the proxy.
+    let (status, body) = server.get("alpha", &format!("/connect/{beta_ip}/{beta_port}"));
+    assert_eq!(status, 200, "{body}");
+    assert!(body.starts_with("failed"), "alpha reached beta's container at {beta_ip}:{beta_port}: {body}");
+    assert_eq!(server.get("beta", "/"), (200, "answered".to_string()));
+
+    // The app's network goes with the app.
+    server.ok(&["apps", "destroy", "beta", "--confirm", "beta"]);
+    let label = format!("{LABEL_APP}=beta");
+    let left = block_on(async {
+        let engine = Engine::connect().await.expect("engine");
+        let filters = HashMap::from([("label".to_string(), vec![label, format!("{LABEL_SERVER}={}", server_id(&server.data()))])]);
+        engine
+            .docker()
+            .list_networks(Some(bollard::query_parameters::ListNetworksOptionsBuilder::default().filters(&filters).build()))
+            .await
+            .expect("networks")
+    });
+    assert!(left.is_empty(), "beta's network outlived it: {left:?}");
 }

@@ -12,6 +12,12 @@
 //! asks which kind runs. A third kind (Swarm tasks) is another variant of
 //! [`ContainerPlacement`]'s caller, [`super::ProcessCommand::container`].
 //!
+//! Each app's containers (its processes, build steps and one-offs) sit on
+//! the app's own bridge network, created here and removed with the app:
+//! the engine drops traffic between bridges, so one app's container
+//! cannot reach another's ports; the only way in is the port published on
+//! 127.0.0.1, which slipway's proxy uses.
+//!
 //! Docker's own restart policy is off: the shim's exit is the supervisor's
 //! signal. A shim killed hard leaves its container behind; containers are
 //! labelled with the daemon's identity, and a starting daemon removes
@@ -72,6 +78,11 @@ pub struct ContainerPlacement {
     pub stop_signal: i32,
     pub stop_timeout_ms: u64,
     pub ca_bundle: Option<PathBuf>,
+    /// The app's own bridge network: containers of other apps cannot reach
+    /// its containers' ports (the engine drops traffic between bridges);
+    /// only the loopback port the proxy uses leads in.
+    #[serde(default)]
+    pub network: Option<String>,
 }
 
 /// What the shim gets: the placement and the command.
@@ -115,6 +126,7 @@ pub struct AppImage {
     logs_dir: PathBuf,
     server: String,
     app: String,
+    network: String,
 }
 
 /// The images of the releases this daemon runs or is about to run, by
@@ -193,7 +205,24 @@ fn base_placement(image: &AppImage, release: u32, kind: &str) -> ContainerPlacem
         stop_signal: libc::SIGTERM,
         stop_timeout_ms: 10_000,
         ca_bundle: ca_bundle(),
+        network: Some(image.network.clone()),
     }
+}
+
+/// The name of `app`'s network, unique per daemon (two daemons on one
+/// engine may have apps of the same name).
+fn network_name(server: &str, app: &str) -> String {
+    format!("slipway-{app}-{server}")
+}
+
+/// Create `app`'s network unless it exists. Callers hold the app's lock,
+/// so two of them never race to create it.
+async fn ensure_app_network(engine: &Engine, layout: &Layout, app: &AppName) -> Result<String> {
+    let server = engine::server_id(layout.root());
+    let name = network_name(&server, app.as_str());
+    let labels = HashMap::from([(engine::LABEL_APP.to_string(), app.to_string()), (engine::LABEL_SERVER.to_string(), server)]);
+    engine.ensure_network(&name, &labels).await?;
+    Ok(name)
 }
 
 /// The repository part of `app`'s image tags.
@@ -230,6 +259,7 @@ pub async fn prepare(
     if let Some(known) = images.get(tree) {
         let engine = Engine::connect().await?;
         if engine.image(&known.tag).await?.is_some_and(|i| i.id == known.id) {
+            ensure_app_network(&engine, layout, app).await?;
             progress.step(&format!("code deploy: image {} reused (the release's own image)", short_id(&known.id)));
             return Ok(true);
         }
@@ -261,6 +291,7 @@ pub async fn prepare(
             ),
         }
     }
+    let network = ensure_app_network(&engine, layout, app).await?;
     let key = plan.key(&base_ids);
     let tag = format!("{}:{key}", image_repo(app.as_str()));
     let inputs_label = plan.label(&base_ids);
@@ -323,6 +354,7 @@ pub async fn prepare(
             logs_dir: layout.logs(app),
             server: engine::server_id(layout.root()),
             app: app.to_string(),
+            network,
         },
     );
     Ok(true)
@@ -358,6 +390,7 @@ pub async fn prepare_promoted(
         }
     };
     let engine = Engine::connect().await?;
+    let network = ensure_app_network(&engine, layout, app).await?;
     let key = source.tag.rsplit_once(':').map(|(_, k)| k).unwrap_or(&source.tag);
     let repo = image_repo(app.as_str());
     // By id: the source's tag could have been moved since.
@@ -374,9 +407,21 @@ pub async fn prepare_promoted(
             logs_dir: layout.logs(app),
             server: engine::server_id(layout.root()),
             app: app.to_string(),
+            network,
         },
     );
     Ok(true)
+}
+
+/// Remove what the engine holds for `app` (destroyed): its images no
+/// other app's release uses, and its network.
+pub async fn remove_app(images: &AppImages, layout: &Layout, app: &AppName) {
+    collect_images(images, layout, app).await;
+    let Ok(engine) = Engine::connect().await else { return };
+    let labels = [format!("{}={app}", engine::LABEL_APP), format!("{}={}", engine::LABEL_SERVER, engine::server_id(layout.root()))];
+    if let Err(e) = engine.remove_networks(&labels).await {
+        tracing::warn!(app = %app, error = %format!("{e:#}"), "removing the app's network failed");
+    }
 }
 
 fn describe_inputs(plan: &ImagePlan) -> String {
@@ -516,6 +561,7 @@ pub async fn shim_main() -> Result<i32> {
             binds: Some(binds),
             port_bindings: bindings,
             restart_policy: Some(RestartPolicy { name: Some(RestartPolicyNameEnum::NO), maximum_retry_count: None }),
+            network_mode: p.network.clone(),
             auto_remove: Some(false),
             ..Default::default()
         }),
