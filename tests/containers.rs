@@ -393,3 +393,48 @@ fn an_apps_container_cannot_reach_another_apps_container_past_the_proxy() {
     });
     assert!(left.is_empty(), "beta's network outlived it: {left:?}");
 }
+
+#[test]
+fn terminal_one_off_runs_in_the_apps_container() {
+    if !slow_tests_enabled("terminal_one_off_runs_in_the_apps_container") {
+        return;
+    }
+    ensure_base();
+    let server = ContainerServer::start(&["termbox"]);
+    dockerfile_app("term", "replace").deploy(&server, "termbox");
+    let mut cmd = std::process::Command::new(BIN);
+    cmd.args(["run", "-t", "termbox", "--", "python3"])
+        .env("SLIPWAY_URL", format!("http://{}", server.api))
+        .env("SLIPWAY_TOKEN", &server.token)
+        .env("TERM", "xterm");
+    let mut term = Terminal::spawn(cmd, 100, 37);
+
+    term.expect(">>> ");
+    // The image's interpreter, in a container, on a terminal of its own.
+    term.send("import os, sys, shutil, time; print('in', os.path.exists('/.dockerenv'), os.isatty(0), sys.prefix, os.getuid() > 0)\r");
+    term.expect("in True True /opt/venv True");
+    term.send("print('size', tuple(shutil.get_terminal_size()))\r");
+    term.expect("size (100, 37)");
+    term.resize(120, 40);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        term.send("print('now', tuple(shutil.get_terminal_size()))\r");
+        if term.wait_for("now (120, 40)", Duration::from_secs(2)) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the window size never reached the container:\n{}", term.seen());
+    }
+    // Ctrl-C reaches what runs in the container, not the session.
+    term.send("print('sl' + 'eeping'); time.sleep(60)\r");
+    term.expect("sleeping");
+    term.send("\x03");
+    term.expect("KeyboardInterrupt");
+    term.send("exit(5)\r");
+    assert_eq!(term.wait(), Some(5), "the exit code comes back:\n{}", term.seen());
+    // The one-off's container is gone with it; the web one stays.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while containers_of(&server).len() != 1 {
+        assert!(std::time::Instant::now() < deadline, "{:?}", containers_of(&server));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
