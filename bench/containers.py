@@ -193,6 +193,11 @@ def main():
                              capture_output=True, text=True).stdout.split()
         if ids:
             subprocess.run(["docker", "image", "rm", "-f", *sorted(set(ids))], stdout=subprocess.DEVNULL)
+        # Each app's network too (its containers went with the daemon).
+        nets = subprocess.run(["docker", "network", "ls", "-q", "--filter", "label=slipway.server=" + sid],
+                              capture_output=True, text=True).stdout.split()
+        if nets:
+            subprocess.run(["docker", "network", "rm", *nets], stdout=subprocess.DEVNULL)
         shutil.rmtree(work, ignore_errors=True)
     lib.write_result(RESULTS, "containers", out)
 

@@ -689,6 +689,9 @@ pub async fn promote(p: &Platform, staging: &AppName, live: &AppName, actor: &Ac
         // The live repo gets the commits first (under a scratch ref), so a
         // failure below leaves its branch untouched.
         git::fetch_commit(&p.layout.repo(staging), &p.layout.repo(live), &from.commit).await?;
+        // Containers (docker track): staging's image, under live's name,
+        // before anything of live's runs in it (its release phase first).
+        runtime::container::prepare_promoted(&p.images, &p.layout, staging, &from_tree, live, &tree, &manifest, progress).await?;
         promote_release_phase(p, live, version, &tree, &manifest, env.as_ref(), progress).await?;
         begin_switch(p, live, version, &from.commit, &branch, SwitchKind::MoveRef).await?;
         relaunch(p, live, version, progress).await
@@ -1189,8 +1192,8 @@ pub async fn destroy(p: &Platform, app: &AppName, actor: &Actor) -> Result<()> {
     }
     p.logs.forget(app);
     collect_envs(p).await;
-    // Containers (docker track): the app's images go with it.
-    runtime::container::collect_images(&p.images, &p.layout, app).await;
+    // Containers (docker track): the app's images and network go with it.
+    runtime::container::remove_app(&p.images, &p.layout, app).await;
     p.event(Some(app), actor, "destroy", "", "ok").await;
     Ok(())
 }

@@ -6,9 +6,12 @@
 
 mod util;
 
+use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 
-use slipway::container::{server_id, Engine, LABEL_APP, LABEL_SERVER};
+use bollard::models::ContainerSummary;
+use bollard::query_parameters::ListContainersOptionsBuilder;
+use slipway::container::{server_id, Engine, LABEL_APP, LABEL_SERVER, LABEL_TYPE};
 use util::*;
 
 fn slow_tests_enabled(name: &str) -> bool {
@@ -39,6 +42,22 @@ fn block_on<T>(f: impl std::future::Future<Output = T>) -> T {
 fn containers_of(server: &ContainerServer) -> Vec<String> {
     let label = format!("{LABEL_SERVER}={}", server_id(&server.data()));
     block_on(async { Engine::connect().await.expect("engine").containers(&[label]).await.expect("list") })
+}
+
+/// The running web containers of `app` under this test's daemon.
+fn web_containers(server: &ContainerServer, app: &str) -> Vec<ContainerSummary> {
+    let labels = vec![format!("{LABEL_SERVER}={}", server_id(&server.data())), format!("{LABEL_APP}={app}"), format!("{LABEL_TYPE}=web")];
+    let filters = HashMap::from([("label".to_string(), labels)]);
+    block_on(async {
+        let engine = Engine::connect().await.expect("engine");
+        engine.docker().list_containers(Some(ListContainersOptionsBuilder::default().filters(&filters).build())).await.expect("list")
+    })
+}
+
+/// The ids of the images this test's daemon has in the engine.
+fn image_ids_of(server: &ContainerServer) -> BTreeSet<String> {
+    let label = format!("{LABEL_SERVER}={}", server_id(&server.data()));
+    block_on(async { Engine::connect().await.expect("engine").images(&label).await.expect("list") }).into_iter().map(|i| i.id).collect()
 }
 
 /// A daemon whose containers and app images are removed (by label)
@@ -76,7 +95,8 @@ impl Drop for ContainerServer {
         let apps = self.apps.clone();
         block_on(async move {
             let Ok(engine) = Engine::connect().await else { return };
-            let _ = engine.remove_containers(&[label]).await;
+            let _ = engine.remove_containers(std::slice::from_ref(&label)).await;
+            let _ = engine.remove_networks(&[label]).await;
             for app in apps {
                 for img in engine.images(&format!("{LABEL_APP}={app}")).await.unwrap_or_default() {
                     if img.labels.get(LABEL_SERVER) == Some(&id) {
@@ -265,4 +285,156 @@ fn restarted_daemon_removes_exactly_its_own_leftover_containers() {
     // The other daemon's container was not touched.
     assert_eq!(containers_of(&other).len(), 1);
     assert!(other.get("keep", "/").1.starts_with("crash container"));
+}
+
+#[test]
+fn promoted_dockerfile_app_runs_stagings_image_and_its_release_phase_in_it() {
+    if !slow_tests_enabled("promoted_dockerfile_app_runs_stagings_image_and_its_release_phase_in_it") {
+        return;
+    }
+    ensure_base();
+    let server = ContainerServer::start(&["stage", "prod"]);
+    let repo = dockerfile_app("staged", "replace");
+    // The release phase writes down where it ran.
+    repo.write(
+        "slipway.toml",
+        "[processes.web]\nreload = \"replace\"\n\
+         [release]\ncommand = \"if test -f /.dockerenv; then echo container; else echo host; fi > $SLIPWAY_DATA_DIR/released-in\"\n",
+    );
+    repo.commit("release phase");
+    repo.deploy(&server, "stage");
+    let stage_web = web_containers(&server, "stage");
+    assert_eq!(stage_web.len(), 1);
+    let stage_image = stage_web[0].image_id.clone().expect("image id");
+    server.ok(&["apps", "create", "prod"]);
+    let images_before = image_ids_of(&server);
+
+    let out = server.ok(&["promote", "stage", "--to", "prod"]);
+    assert!(out.contains("promote: image "), "{out}");
+    assert!(!out.contains("building") && !out.contains("container deploy"), "a promotion built an image:\n{out}");
+    // prod's own release phase ran, in the container, with prod's data dir.
+    let released = std::fs::read_to_string(server.data().join("apps/prod/data/released-in")).expect("prod's release phase ran");
+    assert_eq!(released.trim(), "container");
+    let (status, body) = server.get("prod", "/");
+    assert_eq!(status, 200, "{body}");
+    assert!(body.starts_with("staged container"), "{body}");
+    // prod runs staging's very image; nothing new is in the engine.
+    let prod_images: Vec<_> = web_containers(&server, "prod").into_iter().map(|c| c.image_id.unwrap_or_default()).collect();
+    assert_eq!(prod_images, vec![stage_image], "prod's containers run staging's image");
+    assert_eq!(image_ids_of(&server), images_before, "no image was built by the promotion");
+}
+
+/// A WSGI app that connects, from inside its container, to the address in
+/// its path (`/connect/IP/PORT`) and says whether it could.
+const CONNECT_APP: &str = "import socket\n\
+def app(environ, start_response):\n\
+\x20   parts = environ['PATH_INFO'].strip('/').split('/')\n\
+\x20   if parts[0] == 'connect':\n\
+\x20       s = socket.socket()\n\
+\x20       s.settimeout(3)\n\
+\x20       try:\n\
+\x20           s.connect((parts[1], int(parts[2])))\n\
+\x20           body = 'connected'\n\
+\x20       except OSError as e:\n\
+\x20           body = f'failed: {e}'\n\
+\x20   else:\n\
+\x20       body = 'answered'\n\
+\x20   body = body.encode()\n\
+\x20   start_response('200 OK', [('Content-Type', 'text/plain'), ('Content-Length', str(len(body)))])\n\
+\x20   return [body]\n";
+
+/// Where a container listens on its own network: its address there and
+/// the port its app binds.
+fn address_of(c: &ContainerSummary) -> (String, u16) {
+    let nets = c.network_settings.as_ref().and_then(|n| n.networks.as_ref()).expect("networks");
+    assert_eq!(nets.len(), 1, "{nets:?}");
+    let (name, ep) = nets.iter().next().expect("one network");
+    assert!(name != "bridge" && name != "host", "on the shared network {name}");
+    let port = c.ports.as_ref().and_then(|p| p.first()).map(|p| p.private_port).expect("a published port");
+    (ep.ip_address.clone().expect("ip"), port)
+}
+
+#[test]
+fn an_apps_container_cannot_reach_another_apps_container_past_the_proxy() {
+    if !slow_tests_enabled("an_apps_container_cannot_reach_another_apps_container_past_the_proxy") {
+        return;
+    }
+    ensure_base();
+    let server = ContainerServer::start(&["alpha", "beta"]);
+    let repo = dockerfile_app("unused", "replace");
+    repo.write("app.py", CONNECT_APP);
+    repo.commit("connect app");
+    repo.deploy(&server, "alpha");
+    repo.deploy(&server, "beta");
+    let (alpha_ip, alpha_port) = address_of(&web_containers(&server, "alpha")[0]);
+    let (beta_ip, beta_port) = address_of(&web_containers(&server, "beta")[0]);
+
+    // The probe works: alpha reaches its own container on its network.
+    let (status, body) = server.get("alpha", &format!("/connect/{alpha_ip}/{alpha_port}"));
+    assert_eq!((status, body.as_str()), (200, "connected"));
+    // beta's container is out of alpha's reach, while beta answers through
+    // the proxy.
+    let (status, body) = server.get("alpha", &format!("/connect/{beta_ip}/{beta_port}"));
+    assert_eq!(status, 200, "{body}");
+    assert!(body.starts_with("failed"), "alpha reached beta's container at {beta_ip}:{beta_port}: {body}");
+    assert_eq!(server.get("beta", "/"), (200, "answered".to_string()));
+
+    // The app's network goes with the app.
+    server.ok(&["apps", "destroy", "beta", "--confirm", "beta"]);
+    let label = format!("{LABEL_APP}=beta");
+    let left = block_on(async {
+        let engine = Engine::connect().await.expect("engine");
+        let filters = HashMap::from([("label".to_string(), vec![label, format!("{LABEL_SERVER}={}", server_id(&server.data()))])]);
+        engine
+            .docker()
+            .list_networks(Some(bollard::query_parameters::ListNetworksOptionsBuilder::default().filters(&filters).build()))
+            .await
+            .expect("networks")
+    });
+    assert!(left.is_empty(), "beta's network outlived it: {left:?}");
+}
+
+#[test]
+fn terminal_one_off_runs_in_the_apps_container() {
+    if !slow_tests_enabled("terminal_one_off_runs_in_the_apps_container") {
+        return;
+    }
+    ensure_base();
+    let server = ContainerServer::start(&["termbox"]);
+    dockerfile_app("term", "replace").deploy(&server, "termbox");
+    let mut cmd = std::process::Command::new(BIN);
+    cmd.args(["run", "-t", "termbox", "--", "python3"])
+        .env("SLIPWAY_URL", format!("http://{}", server.api))
+        .env("SLIPWAY_TOKEN", &server.token)
+        .env("TERM", "xterm");
+    let mut term = Terminal::spawn(cmd, 100, 37);
+
+    term.expect(">>> ");
+    // The image's interpreter, in a container, on a terminal of its own.
+    term.send("import os, sys, shutil, time; print('in', os.path.exists('/.dockerenv'), os.isatty(0), sys.prefix, os.getuid() > 0)\r");
+    term.expect("in True True /opt/venv True");
+    term.send("print('size', tuple(shutil.get_terminal_size()))\r");
+    term.expect("size (100, 37)");
+    term.resize(120, 40);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        term.send("print('now', tuple(shutil.get_terminal_size()))\r");
+        if term.wait_for("now (120, 40)", Duration::from_secs(2)) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the window size never reached the container:\n{}", term.seen());
+    }
+    // Ctrl-C reaches what runs in the container, not the session.
+    term.send("print('sl' + 'eeping'); time.sleep(60)\r");
+    term.expect("sleeping");
+    term.send("\x03");
+    term.expect("KeyboardInterrupt");
+    term.send("exit(5)\r");
+    assert_eq!(term.wait(), Some(5), "the exit code comes back:\n{}", term.seen());
+    // The one-off's container is gone with it; the web one stays.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while containers_of(&server).len() != 1 {
+        assert!(std::time::Instant::now() < deadline, "{:?}", containers_of(&server));
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }

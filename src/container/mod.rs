@@ -14,9 +14,10 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use anyhow::{anyhow, Context, Result};
+use bollard::models::NetworkCreateRequest;
 use bollard::query_parameters::{
-    BuildImageOptionsBuilder, ListContainersOptionsBuilder, ListImagesOptionsBuilder,
-    RemoveContainerOptionsBuilder, RemoveImageOptionsBuilder,
+    BuildImageOptionsBuilder, ListContainersOptionsBuilder, ListImagesOptionsBuilder, ListNetworksOptionsBuilder,
+    RemoveContainerOptionsBuilder, RemoveImageOptionsBuilder, TagImageOptionsBuilder,
 };
 use bollard::Docker;
 use futures_util::StreamExt;
@@ -109,6 +110,58 @@ impl Engine {
             Err(bollard::errors::Error::DockerResponseServerError { status_code: 409 | 404, .. }) => Ok(false),
             Err(e) => Err(e).with_context(|| format!("removing image {name}")),
         }
+    }
+
+    /// Give the image `source` (a tag or an id) the tag `repo:tag` too: the
+    /// same image under a second name, nothing built.
+    pub async fn tag_image(&self, source: &str, repo: &str, tag: &str) -> Result<()> {
+        let opts = TagImageOptionsBuilder::default().repo(repo).tag(tag).build();
+        self.docker.tag_image(source, Some(opts)).await.with_context(|| format!("tagging image {source} as {repo}:{tag}"))
+    }
+
+    /// Create the bridge network `name` with `labels` unless it exists. The
+    /// engine allows two networks of one name (API 1.41 does not check), so
+    /// callers serialise this per name (the app's lock).
+    pub async fn ensure_network(&self, name: &str, labels: &HashMap<String, String>) -> Result<()> {
+        match self.docker.inspect_network(name, None::<bollard::query_parameters::InspectNetworkOptions>).await {
+            Ok(_) => return Ok(()),
+            Err(bollard::errors::Error::DockerResponseServerError { status_code: 404, .. }) => {}
+            Err(e) => return Err(e).with_context(|| format!("inspecting network {name}")),
+        }
+        let request = NetworkCreateRequest {
+            name: name.to_string(),
+            driver: Some("bridge".into()),
+            labels: Some(labels.clone()),
+            ..Default::default()
+        };
+        self.docker.create_network(request).await.with_context(|| {
+            // Without `default-address-pools`, the engine has about 30
+            // bridge subnets to hand out: one per app with containers.
+            format!("creating network {name} (if the engine ran out of address pools, give it more, smaller ones: `default-address-pools` in /etc/docker/daemon.json)")
+        })?;
+        Ok(())
+    }
+
+    /// Remove every network carrying all of `labels` (`key=value`) that no
+    /// container uses any more. Returns how many went.
+    pub async fn remove_networks(&self, labels: &[String]) -> Result<usize> {
+        let filters = HashMap::from([("label".to_string(), labels.to_vec())]);
+        let list = self
+            .docker
+            .list_networks(Some(ListNetworksOptionsBuilder::default().filters(&filters).build()))
+            .await
+            .context("listing networks")?;
+        let mut n = 0;
+        for net in list {
+            let Some(id) = net.id else { continue };
+            match self.docker.remove_network(&id).await {
+                Ok(()) => n += 1,
+                // Gone already, or still in use (a container being removed).
+                Err(bollard::errors::Error::DockerResponseServerError { status_code: 404 | 403 | 409, .. }) => {}
+                Err(e) => return Err(e).with_context(|| format!("removing network {id}")),
+            }
+        }
+        Ok(n)
     }
 
     /// The containers (running or not) carrying all of `labels` (`key=value`).

@@ -12,6 +12,12 @@
 //! asks which kind runs. A third kind (Swarm tasks) is another variant of
 //! [`ContainerPlacement`]'s caller, [`super::ProcessCommand::container`].
 //!
+//! Each app's containers (its processes, build steps and one-offs) sit on
+//! the app's own bridge network, created here and removed with the app:
+//! the engine drops traffic between bridges, so one app's container
+//! cannot reach another's ports; the only way in is the port published on
+//! 127.0.0.1, which slipway's proxy uses.
+//!
 //! Docker's own restart policy is off: the shim's exit is the supervisor's
 //! signal. A shim killed hard leaves its container behind; containers are
 //! labelled with the daemon's identity, and a starting daemon removes
@@ -72,6 +78,11 @@ pub struct ContainerPlacement {
     pub stop_signal: i32,
     pub stop_timeout_ms: u64,
     pub ca_bundle: Option<PathBuf>,
+    /// The app's own bridge network: containers of other apps cannot reach
+    /// its containers' ports (the engine drops traffic between bridges);
+    /// only the loopback port the proxy uses leads in.
+    #[serde(default)]
+    pub network: Option<String>,
 }
 
 /// What the shim gets: the placement and the command.
@@ -82,16 +93,22 @@ struct ShimSpec {
     cwd: PathBuf,
     env: Vec<(String, String)>,
     user: Option<(u32, u32)>,
+    /// The shim runs on a terminal (`run -t`): the container gets a
+    /// terminal of its own, fed from the shim's and sized as it is.
+    #[serde(default)]
+    tty: bool,
 }
 
-/// The host command that runs `cmd` in its container: the shim.
-pub(super) fn shim_command(cmd: &super::ProcessCommand, placement: &ContainerPlacement) -> tokio::process::Command {
+/// The host command that runs `cmd` in its container: the shim. `tty`:
+/// the shim is started on a terminal, and the container gets one too.
+pub(super) fn shim_command(cmd: &super::ProcessCommand, placement: &ContainerPlacement, tty: bool) -> tokio::process::Command {
     let spec = ShimSpec {
         placement: placement.clone(),
         command: cmd.command.clone(),
         cwd: cmd.cwd.clone(),
         env: cmd.env.clone(),
         user: cmd.user.map(|u| (u.uid, u.gid)),
+        tty,
     };
     let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("/proc/self/exe"));
     let mut c = tokio::process::Command::new(exe);
@@ -115,6 +132,7 @@ pub struct AppImage {
     logs_dir: PathBuf,
     server: String,
     app: String,
+    network: String,
 }
 
 /// The images of the releases this daemon runs or is about to run, by
@@ -193,7 +211,29 @@ fn base_placement(image: &AppImage, release: u32, kind: &str) -> ContainerPlacem
         stop_signal: libc::SIGTERM,
         stop_timeout_ms: 10_000,
         ca_bundle: ca_bundle(),
+        network: Some(image.network.clone()),
     }
+}
+
+/// The name of `app`'s network, unique per daemon (two daemons on one
+/// engine may have apps of the same name).
+fn network_name(server: &str, app: &str) -> String {
+    format!("slipway-{app}-{server}")
+}
+
+/// Create `app`'s network unless it exists. Callers hold the app's lock,
+/// so two of them never race to create it.
+async fn ensure_app_network(engine: &Engine, layout: &Layout, app: &AppName) -> Result<String> {
+    let server = engine::server_id(layout.root());
+    let name = network_name(&server, app.as_str());
+    let labels = HashMap::from([(engine::LABEL_APP.to_string(), app.to_string()), (engine::LABEL_SERVER.to_string(), server)]);
+    engine.ensure_network(&name, &labels).await?;
+    Ok(name)
+}
+
+/// The repository part of `app`'s image tags.
+fn image_repo(app: &str) -> String {
+    format!("slipway/{app}")
 }
 
 /// The host's CA bundle: `SSL_CERT_FILE`, else Debian's.
@@ -218,6 +258,18 @@ pub async fn prepare(
     live_tree: Option<&Path>,
     progress: &Progress,
 ) -> Result<bool> {
+    // A tree this daemon already prepared (a rollback, a restart, a
+    // promotion's switch) keeps the image it was prepared with while the
+    // engine holds it: a base image imported again since would change the
+    // key, and a release's image never changes under it.
+    if let Some(known) = images.get(tree) {
+        let engine = Engine::connect().await?;
+        if engine.image(&known.tag).await?.is_some_and(|i| i.id == known.id) {
+            ensure_app_network(&engine, layout, app).await?;
+            progress.step(&format!("code deploy: image {} reused (the release's own image)", short_id(&known.id)));
+            return Ok(true);
+        }
+    }
     let base = python_image(&crate::container::base::host_suite());
     let plan = {
         let (tree, manifest, base) = (tree.to_path_buf(), manifest.clone(), base.clone());
@@ -245,8 +297,9 @@ pub async fn prepare(
             ),
         }
     }
+    let network = ensure_app_network(&engine, layout, app).await?;
     let key = plan.key(&base_ids);
-    let tag = format!("slipway/{app}:{key}");
+    let tag = format!("{}:{key}", image_repo(app.as_str()));
     let inputs_label = plan.label(&base_ids);
     let what = describe_inputs(&plan);
     if plan.whole_tree {
@@ -307,9 +360,74 @@ pub async fn prepare(
             logs_dir: layout.logs(app),
             server: engine::server_id(layout.root()),
             app: app.to_string(),
+            network,
         },
     );
     Ok(true)
+}
+
+/// Runtime selection and the image for `tree`, a promotion of the release
+/// tree `from_tree` of the app `from`: the same image, never rebuilt. The
+/// image `from` runs gets `app`'s tag too (its releases and collection go
+/// by tag), so the target's release phase and processes run in exactly
+/// the image that was checked on `from`. `false` when `from`'s release
+/// runs on the host.
+#[allow(clippy::too_many_arguments)]
+pub async fn prepare_promoted(
+    images: &AppImages,
+    layout: &Layout,
+    from: &AppName,
+    from_tree: &Path,
+    app: &AppName,
+    tree: &Path,
+    manifest: &Manifest,
+    progress: &Progress,
+) -> Result<bool> {
+    // The source's image is known once its release was prepared (deployed,
+    // or restored by this daemon); asking again only finds it by its tag.
+    let source = match images.get(from_tree) {
+        Some(s) => s,
+        None => {
+            if !prepare(images, layout, from, from_tree, manifest, None, progress).await? {
+                images.remove(tree);
+                return Ok(false);
+            }
+            images.get(from_tree).ok_or_else(|| anyhow!("the image of {} vanished", from_tree.display()))?
+        }
+    };
+    let engine = Engine::connect().await?;
+    let network = ensure_app_network(&engine, layout, app).await?;
+    let key = source.tag.rsplit_once(':').map(|(_, k)| k).unwrap_or(&source.tag);
+    let repo = image_repo(app.as_str());
+    // By id: the source's tag could have been moved since.
+    engine.tag_image(&source.id, &repo, key).await?;
+    progress.step(&format!("promote: image {} of {from} reused (nothing built)", short_id(&source.id)));
+    images.insert(
+        tree,
+        AppImage {
+            tag: format!("{repo}:{key}"),
+            id: source.id.clone(),
+            inputs: source.inputs.clone(),
+            app_dir: layout.app(app),
+            data_dir: layout.app_data(app),
+            logs_dir: layout.logs(app),
+            server: engine::server_id(layout.root()),
+            app: app.to_string(),
+            network,
+        },
+    );
+    Ok(true)
+}
+
+/// Remove what the engine holds for `app` (destroyed): its images no
+/// other app's release uses, and its network.
+pub async fn remove_app(images: &AppImages, layout: &Layout, app: &AppName) {
+    collect_images(images, layout, app).await;
+    let Ok(engine) = Engine::connect().await else { return };
+    let labels = [format!("{}={app}", engine::LABEL_APP), format!("{}={}", engine::LABEL_SERVER, engine::server_id(layout.root()))];
+    if let Err(e) = engine.remove_networks(&labels).await {
+        tracing::warn!(app = %app, error = %format!("{e:#}"), "removing the app's network failed");
+    }
 }
 
 fn describe_inputs(plan: &ImagePlan) -> String {
@@ -344,20 +462,21 @@ pub async fn collect_images(images: &AppImages, layout: &Layout, app: &AppName) 
     let keep = images.tags_of(app.as_str());
     let server = engine::server_id(layout.root());
     let Ok(engine) = Engine::connect().await else { return 0 };
-    let Ok(list) = engine.images(&format!("{}={app}", engine::LABEL_APP)).await else { return 0 };
+    // By tag, not by the image's app label: a promoted image was built for
+    // (and labelled with) the source app and carries the target's tag too.
+    // Only the app's own tags go; an image with another tag left stays.
+    let Ok(list) = engine.images(&format!("{}={server}", engine::LABEL_SERVER)).await else { return 0 };
     let mut n = 0;
-    for img in list {
-        // Another daemon's app of the same name is not ours to collect.
-        if img.labels.get(engine::LABEL_SERVER) != Some(&server) || img.tags.iter().any(|t| keep.contains(t)) {
-            continue;
-        }
-        for t in &img.tags {
-            if engine.remove_image(t).await.unwrap_or(false) {
-                n += 1;
-            }
+    for t in list.iter().flat_map(|i| &i.tags).filter(|t| is_tag_of(t, app.as_str()) && !keep.contains(t)) {
+        if engine.remove_image(t).await.unwrap_or(false) {
+            n += 1;
         }
     }
     n
+}
+
+fn is_tag_of(tag: &str, app: &str) -> bool {
+    tag.rsplit_once(':').is_some_and(|(repo, _)| repo == image_repo(app))
 }
 
 /// What the app's images take, in words (`2 images, 245 MB`), or `None`
@@ -366,8 +485,8 @@ pub async fn collect_images(images: &AppImages, layout: &Layout, app: &AppName) 
 pub async fn image_usage(layout: &Layout, app: &AppName) -> Option<String> {
     let engine = Engine::connect().await.ok()?;
     let server = engine::server_id(layout.root());
-    let list = engine.images(&format!("{}={app}", engine::LABEL_APP)).await.ok()?;
-    let mine: Vec<_> = list.into_iter().filter(|i| i.labels.get(engine::LABEL_SERVER) == Some(&server)).collect();
+    let list = engine.images(&format!("{}={server}", engine::LABEL_SERVER)).await.ok()?;
+    let mine: Vec<_> = list.into_iter().filter(|i| i.tags.iter().any(|t| is_tag_of(t, app.as_str()))).collect();
     if mine.is_empty() {
         return None;
     }
@@ -435,7 +554,10 @@ pub async fn shim_main() -> Result<i32> {
         exposed_ports: exposed,
         attach_stdout: Some(true),
         attach_stderr: Some(true),
-        tty: Some(false),
+        attach_stdin: Some(spec.tty),
+        open_stdin: Some(spec.tty),
+        stdin_once: Some(spec.tty),
+        tty: Some(spec.tty),
         host_config: Some(HostConfig {
             init: Some(true),
             readonly_rootfs: Some(true),
@@ -448,6 +570,7 @@ pub async fn shim_main() -> Result<i32> {
             binds: Some(binds),
             port_bindings: bindings,
             restart_policy: Some(RestartPolicy { name: Some(RestartPolicyNameEnum::NO), maximum_retry_count: None }),
+            network_mode: p.network.clone(),
             auto_remove: Some(false),
             ..Default::default()
         }),
@@ -461,23 +584,45 @@ pub async fn shim_main() -> Result<i32> {
         .await
         .with_context(|| format!("creating a container from {}", p.image))?;
     let id = created.id;
-    let result = run_attached(&docker, &id, p).await;
+    let result = run_attached(&docker, &id, p, spec.tty).await;
     let opts = RemoveContainerOptionsBuilder::default().force(true).build();
     let _ = docker.remove_container(&id, Some(opts)).await;
     result
 }
 
-async fn run_attached(docker: &bollard::Docker, id: &str, p: &ContainerPlacement) -> Result<i32> {
+async fn run_attached(docker: &bollard::Docker, id: &str, p: &ContainerPlacement, tty: bool) -> Result<i32> {
     use tokio::signal::unix::{signal, SignalKind};
     let attach = docker
         .attach_container(
             id,
-            Some(AttachContainerOptionsBuilder::default().stdout(true).stderr(true).stream(true).logs(true).build()),
+            Some(AttachContainerOptionsBuilder::default().stdin(tty).stdout(true).stderr(true).stream(true).logs(true).build()),
         )
         .await
         .context("attaching to the container")?;
     let mut output = attach.output;
+    if tty {
+        // The container's terminal does the line editing, echo and Ctrl-C;
+        // the shim's own passes bytes through untouched.
+        let stdin = std::io::stdin();
+        let mut mode = nix::sys::termios::tcgetattr(&stdin).context("reading the terminal's mode")?;
+        nix::sys::termios::cfmakeraw(&mut mode);
+        nix::sys::termios::tcsetattr(&stdin, nix::sys::termios::SetArg::TCSANOW, &mode).context("setting the terminal raw")?;
+        let mut input = attach.input;
+        tokio::spawn(async move {
+            use tokio::io::AsyncReadExt;
+            let mut stdin = tokio::io::stdin();
+            let mut buf = vec![0u8; 4096];
+            while let Ok(n) = stdin.read(&mut buf).await {
+                if n == 0 || input.write_all(&buf[..n]).await.is_err() || input.flush().await.is_err() {
+                    break;
+                }
+            }
+        });
+    }
     docker.start_container(id, None).await.context("starting the container")?;
+    if tty {
+        resize_to_terminal(docker, id).await;
+    }
 
     let forwarded = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGQUIT, libc::SIGUSR1, libc::SIGUSR2, libc::SIGWINCH];
     let (sig_tx, mut sig_rx) = tokio::sync::mpsc::unbounded_channel::<i32>();
@@ -503,16 +648,25 @@ async fn run_attached(docker: &bollard::Docker, id: &str, p: &ContainerPlacement
     let mut output_open = true;
     let code = loop {
         tokio::select! {
+            // Flushed at once: tokio's stdout holds a write until the next
+            // one, and a prompt (no newline, nothing after it) must show.
             frame = output.next(), if output_open => match frame {
                 Some(Ok(bollard::container::LogOutput::StdErr { message })) => {
                     let _ = stderr.write_all(&message).await;
+                    let _ = stderr.flush().await;
                 }
                 Some(Ok(log)) => {
                     let _ = stdout.write_all(&log.into_bytes()).await;
+                    let _ = stdout.flush().await;
                 }
                 Some(Err(_)) | None => output_open = false,
             },
             Some(s) = sig_rx.recv() => {
+                if tty && s == libc::SIGWINCH {
+                    // The window changed: the container's terminal follows.
+                    resize_to_terminal(docker, id).await;
+                    continue;
+                }
                 let opts = KillContainerOptionsBuilder::default().signal(&s.to_string()).build();
                 let _ = docker.kill_container(id, Some(opts)).await;
                 if s == p.stop_signal {
@@ -553,6 +707,17 @@ async fn run_attached(docker: &bollard::Docker, id: &str, p: &ContainerPlacement
     let _ = stdout.flush().await;
     let _ = stderr.flush().await;
     Ok(code.clamp(0, 255) as i32)
+}
+
+/// Give the container's terminal the size of the shim's (its stdin).
+async fn resize_to_terminal(docker: &bollard::Docker, id: &str) {
+    let mut ws = libc::winsize { ws_row: 0, ws_col: 0, ws_xpixel: 0, ws_ypixel: 0 };
+    // SAFETY: TIOCGWINSZ writes one winsize into the live value we pass.
+    if unsafe { libc::ioctl(0, libc::TIOCGWINSZ, &mut ws) } != 0 || ws.ws_col == 0 {
+        return;
+    }
+    let opts = bollard::query_parameters::ResizeContainerTTYOptions { h: i32::from(ws.ws_row), w: i32::from(ws.ws_col) };
+    let _ = docker.resize_container_tty(id, opts).await;
 }
 
 /// `exec CMD` for a simple command: the container's init forwards signals
