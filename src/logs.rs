@@ -65,15 +65,36 @@ impl Logs {
 impl AppLog {
     /// Append one line from `source` (`web.1`, `slipway`, ...).
     pub fn write(&self, source: &str, text: &str) {
-        let ts = chrono::Utc::now().format("%Y-%m-%dT%H:%M:%S%.3fZ");
-        let line = format!("{ts} {source}: {text}\n");
-        // Followers get the line without its newline; none, no copy (the
+        self.write_lines(source, &[text]);
+    }
+
+    /// Append several lines from `source` at once, under one timestamp and
+    /// in one write (the router's lines, a batch at a time).
+    pub fn write_lines(&self, source: &str, texts: &[impl AsRef<str>]) {
+        if texts.is_empty() {
+            return;
+        }
+        // RFC 3339 with milliseconds, as `%Y-%m-%dT%H:%M:%S%.3fZ` gives it,
+        // without parsing a format string per call.
+        let ts = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+        let mut lines = String::with_capacity(texts.iter().map(|t| ts.len() + source.len() + t.as_ref().len() + 4).sum());
+        // Followers get each line without its newline; none, no copy (the
         // router writes a line per request).
-        if self.live.receiver_count() > 0 {
-            let _ = self.live.send(line[..line.len() - 1].to_string());
+        let followed = self.live.receiver_count() > 0;
+        for text in texts {
+            let start = lines.len();
+            lines.push_str(&ts);
+            lines.push(' ');
+            lines.push_str(source);
+            lines.push_str(": ");
+            lines.push_str(text.as_ref());
+            if followed {
+                let _ = self.live.send(lines[start..].to_string());
+            }
+            lines.push('\n');
         }
         let mut guard = self.file.lock().unwrap_or_else(|e| e.into_inner());
-        if let Err(e) = self.append(&mut guard, &line) {
+        if let Err(e) = self.append(&mut guard, &lines) {
             // Logging must never take an app down; the next write retries.
             *guard = None;
             tracing::warn!(dir = %self.dir.display(), error = %e, "writing app log failed");
@@ -95,8 +116,9 @@ impl AppLog {
             *guard = Some((f, size));
         }
         if let Some((f, size)) = guard.as_mut() {
-            // One write per line (newline included): appends from the
-            // daemon's threads stay whole, and a line costs one syscall.
+            // One write per call (newlines included): appends from the
+            // daemon's threads stay whole lines, and a batch of lines
+            // costs one syscall.
             f.write_all(line.as_bytes())?;
             *size += line.len() as u64;
         }

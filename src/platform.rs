@@ -304,7 +304,17 @@ impl Platform {
         let spawned = std::thread::Builder::new().name("router-lines".into()).spawn(move || {
             let mut known: HashMap<std::net::SocketAddr, (String, String)> = HashMap::new();
             let mut fresh_for: Option<std::time::Instant> = None;
-            crate::proxy::access::serve(rx, |addr, entry, line| {
+            // A batch's lines per app, written with one write each.
+            let pending: std::cell::RefCell<HashMap<String, Vec<String>>> = Default::default();
+            let flush = || {
+                let Some(p) = p.upgrade() else { return };
+                for (app, lines) in pending.borrow_mut().drain() {
+                    if let Ok(name) = AppName::parse(&app) {
+                        p.logs.app(&name).write_lines("router", &lines);
+                    }
+                }
+            };
+            let write = |addr, entry: &crate::proxy::access::Entry, line: &dyn Fn(&str) -> String| {
                 let Some(p) = p.upgrade() else { return false };
                 // Refreshed at most every 100 ms, and when an address is new.
                 if !known.contains_key(&addr) || fresh_for.is_none_or(|t| t.elapsed() > std::time::Duration::from_millis(100)) {
@@ -322,10 +332,16 @@ impl Platform {
                 }
                 let Some((app, instance)) = known.get(&addr) else { return false };
                 crate::proxy::access::observe(app, entry);
-                let Ok(app) = AppName::parse(app) else { return false };
-                p.logs.app(&app).write("router", &line(instance));
+                let mut pending = pending.borrow_mut();
+                match pending.get_mut(app) {
+                    Some(lines) => lines.push(line(instance)),
+                    None => {
+                        pending.insert(app.clone(), vec![line(instance)]);
+                    }
+                }
                 true
-            });
+            };
+            crate::proxy::access::serve(rx, write, flush);
         });
         if let Err(e) = spawned {
             tracing::warn!(error = %e, "no router access lines: starting their writer failed");

@@ -17,7 +17,7 @@ mod statics;
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -26,7 +26,8 @@ use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http_body_util::{combinators::BoxBody, BodyExt, Empty, Full};
 use hyper::body::{Body, Incoming};
-use hyper::header::{HeaderValue, CONNECTION, HOST, UPGRADE};
+use hyper::header::{HeaderName, HeaderValue, CONNECTION, HOST, UPGRADE};
+use hyper::http::uri::{Authority, PathAndQuery};
 use hyper::{Method, Request, Response, StatusCode, Version};
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -57,7 +58,7 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// address.
 #[derive(Debug)]
 pub struct Upstream {
-    addr: ArcSwap<SocketAddr>,
+    target: ArcSwap<Target>,
     /// The uid that must own the socket at `addr` (the app's user); `None`
     /// when apps run as the daemon's own user and there is nothing to tell
     /// them apart by.
@@ -68,6 +69,20 @@ pub struct Upstream {
     closing: CancellationToken,
 }
 
+/// Where an upstream is, and the URI authority its requests carry (built
+/// once per address, not per request; see `connector`).
+#[derive(Debug)]
+struct Target {
+    addr: SocketAddr,
+    authority: Option<Authority>,
+}
+
+impl Target {
+    fn new(addr: SocketAddr, owner: Option<u32>) -> Target {
+        Target { addr, authority: connector::upstream_authority(addr, owner).ok() }
+    }
+}
+
 impl Upstream {
     pub fn new(addr: SocketAddr) -> Arc<Upstream> {
         Upstream::owned(addr, None)
@@ -76,18 +91,18 @@ impl Upstream {
     /// proxy refuses to send it traffic otherwise (ARCHITECTURE.md).
     pub fn owned(addr: SocketAddr, owner: Option<u32>) -> Arc<Upstream> {
         Arc::new(Upstream {
-            addr: ArcSwap::from_pointee(addr),
+            target: ArcSwap::from_pointee(Target::new(addr, owner)),
             owner,
             in_flight: AtomicUsize::new(0),
             closing: CancellationToken::new(),
         })
     }
     pub fn addr(&self) -> SocketAddr {
-        **self.addr.load()
+        self.target.load().addr
     }
     /// Point it at a new address (its process was restarted elsewhere).
     pub fn set_addr(&self, addr: SocketAddr) {
-        self.addr.store(Arc::new(addr));
+        self.target.store(Arc::new(Target::new(addr, self.owner)));
     }
     pub fn in_flight(&self) -> usize {
         self.in_flight.load(Ordering::Acquire)
@@ -142,6 +157,9 @@ pub struct Proxy {
     /// Flipped once when the daemon stops: every connection, on any
     /// listener, finishes its request and closes.
     closing: watch::Sender<bool>,
+    /// The same, read by every response (`closing.borrow()` takes a read
+    /// lock that both workers' requests would contend on).
+    closing_now: AtomicBool,
     // tls track: set with --https; plain HTTP asks it about ACME challenges and redirects.
     certs: std::sync::OnceLock<Arc<crate::certs::Certs>>,
 }
@@ -173,6 +191,7 @@ impl Proxy {
             fresh,
             trusted: ArcSwap::from_pointee(Vec::new()),
             closing: watch::channel(false).0,
+            closing_now: AtomicBool::new(false),
             certs: std::sync::OnceLock::new(),
         }
     }
@@ -266,6 +285,7 @@ impl Proxy {
     /// Finish open requests and close every connection (daemon shutdown,
     /// or the old daemon's side of a hand-over).
     pub fn close(&self) {
+        self.closing_now.store(true, Ordering::Release);
         self.closing.send_replace(true);
     }
 
@@ -315,12 +335,13 @@ impl Proxy {
         };
         tokio::pin!(closing_now);
         let proxy = self.clone();
+        let peer = forwarded::Peer::new(peer);
         let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-            let proxy = proxy.clone();
+            let (proxy, peer) = (proxy.clone(), peer.clone());
             async move {
                 let http1 = req.version() < hyper::Version::HTTP_2;
-                let mut resp = proxy.handle(req, peer, scheme).await;
-                if http1 && *proxy.closing.borrow() && resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+                let mut resp = proxy.handle(req, &peer, scheme).await;
+                if http1 && proxy.closing_now.load(Ordering::Acquire) && resp.status() != StatusCode::SWITCHING_PROTOCOLS {
                     resp.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
                 }
                 Ok::<_, Infallible>(resp)
@@ -364,7 +385,7 @@ impl Proxy {
         }
     }
 
-    async fn handle(&self, mut req: Request<Incoming>, peer: SocketAddr, scheme: Scheme) -> Response<ProxyBody> {
+    async fn handle(&self, mut req: Request<Incoming>, peer: &forwarded::Peer, scheme: Scheme) -> Response<ProxyBody> {
         if req.headers().get_all(HOST).iter().nth(1).is_some() {
             return page(StatusCode::BAD_REQUEST, "bad request", "The request has more than one Host header.");
         }
@@ -420,7 +441,8 @@ impl Proxy {
             parts.headers.insert(UPGRADE, u.clone());
         }
         parts.version = Version::HTTP_11;
-        let path = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/").to_string();
+        let path_and_query = parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
+        let path = path_and_query.as_str().to_string();
 
         // Which failures a retry may follow. A request whose connection
         // could not be made reached no app: any may go to the next
@@ -431,18 +453,22 @@ impl Proxy {
         // it, and seeing it twice changes nothing.
         let replayable = body.is_end_stream();
         let idempotent = replayable && is_idempotent(&parts.method);
-        let mut body: Option<ProxyBody> = Some(body::MinRate::new(body).boxed());
+        // A request without a body has no rate to hold it to (and no timer
+        // or box to pay for).
+        let mut body: Option<ProxyBody> = Some(if replayable { empty_body() } else { body::MinRate::new(body).boxed() });
         let n = backend.upstreams.len();
         let start = backend.next.fetch_add(1, Ordering::Relaxed);
         let mut attempt = 0;
         let mut on_fresh = false;
         loop {
             let upstream = backend.upstreams[(start + attempt) % n].clone();
-            let upstream_addr = upstream.addr();
-            let uri = match connector::upstream_uri(upstream_addr, upstream.owner, &path) {
-                Ok(u) => u,
-                Err(_) => return page(StatusCode::BAD_REQUEST, "bad request", "Unparseable request path."),
+            let target = upstream.target.load();
+            let upstream_addr = target.addr;
+            let uri = match target.authority.as_ref().map(|a| connector::upstream_uri(a, &path_and_query)) {
+                Some(Ok(u)) => u,
+                _ => return page(StatusCode::BAD_REQUEST, "bad request", "Unparseable request path."),
             };
+            drop(target);
             let mut req = Request::from_parts(parts.clone(), body.take().unwrap_or_else(empty_body));
             *req.uri_mut() = uri;
             let guard = InFlight::new(upstream.clone());
@@ -664,54 +690,51 @@ fn intercept<B>(certs: &crate::certs::Certs, host: &str, req: &Request<B>) -> Op
 }
 
 fn request_host<B>(req: &Request<B>) -> Option<String> {
-    let raw = req
-        .headers()
-        .get(HOST)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string)
-        .or_else(|| req.uri().host().map(str::to_string))?;
+    let raw = req.headers().get(HOST).and_then(|v| v.to_str().ok()).or_else(|| req.uri().host())?;
     // Strip a port; keep IPv6 literals whole.
     let host = match raw.rsplit_once(':') {
-        Some((h, port)) if !h.ends_with(']') || raw.starts_with('[') => {
-            if port.bytes().all(|c| c.is_ascii_digit()) {
-                h.to_string()
-            } else {
-                raw.clone()
-            }
-        }
-        _ => raw.clone(),
+        Some((h, port)) if (!h.ends_with(']') || raw.starts_with('[')) && port.bytes().all(|c| c.is_ascii_digit()) => h,
+        _ => raw,
     };
     Some(host.trim_end_matches('.').to_ascii_lowercase())
 }
 
-const HOP_HEADERS: [&str; 8] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "upgrade",
+/// Hop-by-hop headers (RFC 9110 7.6.1), as typed names: removing by a
+/// `&str` parses the name again on every call.
+const HOP_HEADERS: [HeaderName; 9] = [
+    CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    hyper::header::PROXY_AUTHENTICATE,
+    hyper::header::PROXY_AUTHORIZATION,
+    hyper::header::TE,
+    hyper::header::TRAILER,
+    UPGRADE,
+    hyper::header::TRANSFER_ENCODING,
 ];
 
 fn strip_hop_headers(headers: &mut hyper::HeaderMap) {
     // Headers named in Connection are hop-by-hop too (RFC 9110 7.6.1).
+    // The usual tokens (`keep-alive`, `close`, `upgrade`) name headers
+    // removed below or none at all: skipping them spares the common
+    // response an allocation.
     if headers.contains_key(CONNECTION) {
         let named: Vec<String> = headers
             .get_all(CONNECTION)
             .iter()
             .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(',').map(|s| s.trim().to_ascii_lowercase()))
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .filter(|t| !["keep-alive", "close", "upgrade"].iter().any(|usual| t.eq_ignore_ascii_case(usual)))
+            .map(str::to_ascii_lowercase)
             .collect();
         for h in named {
             headers.remove(h.as_str());
         }
     }
-    for h in HOP_HEADERS {
+    for h in &HOP_HEADERS {
         headers.remove(h);
     }
-    headers.remove("transfer-encoding");
 }
 
 fn empty_body() -> ProxyBody {

@@ -18,7 +18,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use hyper::body::{Body, Frame, SizeHint};
@@ -133,15 +133,26 @@ impl<B> Drop for Logged<B> {
     }
 }
 
+/// How long the writer lets lines gather once one has arrived. While it
+/// sleeps the request path offers lines without waking it: woken per line,
+/// the writer cost a futex wake and two context switches per request,
+/// more than the proxying itself on a 2-core host (issue 13 #4).
+const GATHER: Duration = Duration::from_millis(20);
+
 /// The writer: formats each line and hands it to `write(upstream, line)`,
 /// which finds the app and instance serving at that address (false when
-/// none does any more: the line is dropped). Runs on its own thread until
-/// the queue closes.
-pub fn serve(mut rx: mpsc::Receiver<Entry>, mut write: impl FnMut(SocketAddr, &Entry, &dyn Fn(&str) -> String) -> bool) {
-    let mut batch = Vec::with_capacity(256);
+/// none does any more: the line is dropped); `flush` ends each batch.
+/// Runs on its own thread until the queue closes.
+pub fn serve(
+    mut rx: mpsc::Receiver<Entry>,
+    mut write: impl FnMut(SocketAddr, &Entry, &dyn Fn(&str) -> String) -> bool,
+    mut flush: impl FnMut(),
+) {
+    let mut batch = Vec::with_capacity(1024);
     while let Some(first) = rx.blocking_recv() {
         batch.push(first);
-        while batch.len() < 256 {
+        std::thread::sleep(GATHER);
+        while batch.len() < QUEUE {
             match rx.try_recv() {
                 Ok(e) => batch.push(e),
                 Err(_) => break,
@@ -155,6 +166,7 @@ pub fn serve(mut rx: mpsc::Receiver<Entry>, mut write: impl FnMut(SocketAddr, &E
             let note = if i == 0 && dropped > 0 { format!(" (before it, {dropped} router lines dropped)") } else { String::new() };
             write(e.upstream, &e, &|instance: &str| format!("{}{note}", format(&e, instance)));
         }
+        flush();
     }
 }
 

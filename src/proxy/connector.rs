@@ -15,18 +15,27 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::Bytes;
+use hyper::http::uri::{Authority, PathAndQuery};
 use hyper::Uri;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
-/// The URI a request to `addr` goes to, naming the uid that must own the
-/// listening socket there.
-pub fn upstream_uri(addr: SocketAddr, owner: Option<u32>, path: &str) -> Result<Uri, hyper::http::uri::InvalidUri> {
-    match owner {
-        Some(uid) => format!("http://{uid}@{addr}{path}").parse(),
-        None => format!("http://{addr}{path}").parse(),
-    }
+/// The authority requests to `addr` go to, naming the uid that must own
+/// the listening socket there. Built when an upstream's address is set,
+/// so a request only clones it (a reference count).
+pub fn upstream_authority(addr: SocketAddr, owner: Option<u32>) -> Result<Authority, hyper::http::uri::InvalidUri> {
+    let text = match owner {
+        Some(uid) => format!("{uid}@{addr}"),
+        None => addr.to_string(),
+    };
+    Authority::from_maybe_shared(Bytes::from(text))
+}
+
+/// The URI of one request to the upstream at `authority`.
+pub fn upstream_uri(authority: &Authority, path: &PathAndQuery) -> Result<Uri, hyper::http::Error> {
+    Uri::builder().scheme(hyper::http::uri::Scheme::HTTP).authority(authority.clone()).path_and_query(path.clone()).build()
 }
 
 #[derive(Clone)]

@@ -44,14 +44,31 @@ pub fn is_trusted(trusted: &[IpNet], peer: IpAddr) -> bool {
     trusted.iter().any(|net| net.contains(&peer))
 }
 
+/// The client at the other end of a connection, as `X-Forwarded-For`
+/// names it: built once per connection, not per request.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    ip: IpAddr,
+    header: Option<HeaderValue>,
+}
+
+impl Peer {
+    pub fn new(addr: SocketAddr) -> Peer {
+        Peer { ip: addr.ip(), header: HeaderValue::from_str(&addr.ip().to_string()).ok() }
+    }
+    pub fn ip(&self) -> IpAddr {
+        self.ip
+    }
+}
+
 /// Rewrite the forwarding headers of a request from `peer`, which reached
 /// slipway over `scheme`.
-pub fn rewrite(headers: &mut HeaderMap, peer: SocketAddr, scheme: Scheme, trusted: bool) {
-    let peer_ip = HeaderValue::from_str(&peer.ip().to_string()).ok();
+pub fn rewrite(headers: &mut HeaderMap, peer: &Peer, scheme: Scheme, trusted: bool) {
+    let peer_ip = peer.header.clone();
     if trusted {
         // Keep what the trusted proxy said; add ourselves to the chain.
         let chain = match (headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()), peer_ip) {
-            (Some(prev), _) => HeaderValue::from_str(&format!("{prev}, {}", peer.ip())).ok(),
+            (Some(prev), _) => HeaderValue::from_str(&format!("{prev}, {}", peer.ip)).ok(),
             (None, ip) => ip,
         };
         if let Some(v) = chain {
@@ -100,7 +117,7 @@ mod tests {
             ("x-real-ip", "6.6.6.6"),
             ("forwarded", "for=6.6.6.6;proto=https"),
         ]);
-        rewrite(&mut h, "10.0.0.9:5000".parse().expect("addr"), Scheme::Http, false);
+        rewrite(&mut h, &Peer::new("10.0.0.9:5000".parse().expect("addr")), Scheme::Http, false);
         assert_eq!(h["x-forwarded-for"], "10.0.0.9");
         assert_eq!(h["x-forwarded-proto"], "http");
         assert_eq!(h["x-forwarded-host"], "app.localhost");
@@ -114,7 +131,7 @@ mod tests {
         assert!(is_trusted(&trusted, "::ffff:10.1.2.3".parse().expect("ip")));
         assert!(!is_trusted(&trusted, "11.0.0.1".parse().expect("ip")));
         let mut h = headers(&[("host", "app.localhost"), ("x-forwarded-for", "1.2.3.4"), ("x-forwarded-proto", "https")]);
-        rewrite(&mut h, "10.0.0.9:5000".parse().expect("addr"), Scheme::Http, true);
+        rewrite(&mut h, &Peer::new("10.0.0.9:5000".parse().expect("addr")), Scheme::Http, true);
         assert_eq!(h["x-forwarded-for"], "1.2.3.4, 10.0.0.9");
         assert_eq!(h["x-forwarded-proto"], "https");
     }
