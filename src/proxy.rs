@@ -459,7 +459,9 @@ impl Proxy {
         let n = backend.upstreams.len();
         let start = backend.next.fetch_add(1, Ordering::Relaxed);
         let mut attempt = 0;
-        let mut on_fresh = false;
+        // Fresh connections tried after a pooled one failed: two, as an
+        // app under heavy load may drop the first fresh one as well.
+        let mut fresh_tries = 0u8;
         loop {
             let upstream = backend.upstreams[(start + attempt) % n].clone();
             let target = upstream.target.load();
@@ -473,7 +475,7 @@ impl Proxy {
             *req.uri_mut() = uri;
             let guard = InFlight::new(upstream.clone());
             let sent_at = Instant::now();
-            let sent = if on_fresh { self.fresh.request(req).await } else { self.client.request(req).await };
+            let sent = if fresh_tries > 0 { self.fresh.request(req).await } else { self.client.request(req).await };
             match sent {
                 Ok(mut resp) => {
                     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
@@ -497,9 +499,9 @@ impl Proxy {
                     tracing::debug!(upstream = %upstream_addr, error = %e, "upstream refused; trying next");
                     attempt += 1;
                 }
-                Err(e) if !e.is_connect() && idempotent && !on_fresh => {
-                    tracing::debug!(upstream = %upstream_addr, error = %e, "pooled upstream connection failed; retrying on a fresh one");
-                    on_fresh = true;
+                Err(e) if !e.is_connect() && idempotent && fresh_tries < 2 => {
+                    tracing::debug!(upstream = %upstream_addr, error = %e, "upstream connection failed before answering; retrying on a fresh one");
+                    fresh_tries += 1;
                 }
                 Err(e) => {
                     if is_too_slow(&e) {
