@@ -69,7 +69,7 @@ pub const SYSTEM_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin
 impl ProcessCommand {
     fn to_command(&self) -> std::io::Result<Command> {
         if let Some(placement) = &self.container {
-            let mut cmd = container::shim_command(self, placement, false);
+            let mut cmd = container::shim_command(self, placement);
             cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).process_group(0).kill_on_drop(false);
             return Ok(cmd);
         }

@@ -7,7 +7,9 @@
 mod util;
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::process::{Command, Stdio};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use util::*;
@@ -136,6 +138,119 @@ fn client(server: &TestServer, args: &[&str]) -> Command {
     let mut c = Command::new(BIN);
     c.args(args).env("SLIPWAY_URL", format!("http://{}", server.api)).env("SLIPWAY_TOKEN", &server.token);
     c
+}
+
+/// A program on a pseudo-terminal of the test's own, read by a thread.
+struct Terminal {
+    master: OwnedFd,
+    child: Child,
+    rx: mpsc::Receiver<Vec<u8>>,
+    seen: Vec<u8>,
+    /// How far `expect` has consumed `seen`.
+    pos: usize,
+}
+
+impl Terminal {
+    fn spawn(mut cmd: Command, cols: u16, rows: u16) -> Terminal {
+        use std::os::unix::process::CommandExt;
+        let ws = nix::pty::Winsize { ws_row: rows, ws_col: cols, ws_xpixel: 0, ws_ypixel: 0 };
+        let pair = nix::pty::openpty(Some(&ws), None).expect("openpty");
+        let slave = std::fs::File::from(pair.slave);
+        cmd.stdin(slave.try_clone().expect("dup")).stdout(slave.try_clone().expect("dup")).stderr(slave);
+        // SAFETY: only async-signal-safe calls between fork and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::setsid();
+                if libc::ioctl(0, libc::TIOCSCTTY as _, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().expect("spawn on the terminal");
+        drop(cmd);
+        let mut reader = std::fs::File::from(pair.master.try_clone().expect("dup master"));
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = reader.read(&mut buf) {
+                if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
+                    return;
+                }
+            }
+        });
+        Terminal { master: pair.master, child, rx, seen: Vec::new(), pos: 0 }
+    }
+
+    fn send(&mut self, keys: &str) {
+        let mut f = std::fs::File::from(self.master.try_clone().expect("dup master"));
+        f.write_all(keys.as_bytes()).expect("type");
+    }
+
+    fn resize(&mut self, cols: u16, rows: u16) {
+        let ws = nix::pty::Winsize { ws_row: rows, ws_col: cols, ws_xpixel: 0, ws_ypixel: 0 };
+        // SAFETY: TIOCSWINSZ reads one winsize from a live value.
+        let r = unsafe { libc::ioctl(self.master.as_raw_fd(), libc::TIOCSWINSZ, &ws as *const nix::pty::Winsize) };
+        assert_eq!(r, 0, "resize the test's terminal");
+    }
+
+    /// Whether `needle` appears (after what earlier waits consumed) within `limit`.
+    fn wait_for(&mut self, needle: &str, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        loop {
+            let hay = String::from_utf8_lossy(&self.seen[self.pos..]).to_string();
+            if let Some(i) = hay.find(needle) {
+                // Consume up to the match, in bytes of the lossy text: the
+                // terminal's output here is ASCII.
+                self.pos += i + needle.len();
+                return true;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            if let Ok(chunk) = self.rx.recv_timeout(left.min(Duration::from_millis(200))) {
+                self.seen.extend_from_slice(&chunk);
+            }
+        }
+    }
+
+    /// `needle` must appear; the generous limit only bounds a broken run.
+    fn expect(&mut self, needle: &str) {
+        if !self.wait_for(needle, Duration::from_secs(60)) {
+            panic!("never saw {needle:?} on the terminal; it showed:\n{}", self.seen());
+        }
+    }
+
+    fn seen(&self) -> String {
+        String::from_utf8_lossy(&self.seen).to_string()
+    }
+
+    /// The program's exit code.
+    fn wait(&mut self) -> Option<i32> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                return s.code();
+            }
+            while let Ok(chunk) = self.rx.try_recv() {
+                self.seen.extend_from_slice(&chunk);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        None
+    }
+}
+
+impl Drop for Terminal {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
 }
 
 // integrity track (issue 10, low): app output with terminal control

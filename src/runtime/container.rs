@@ -93,22 +93,16 @@ struct ShimSpec {
     cwd: PathBuf,
     env: Vec<(String, String)>,
     user: Option<(u32, u32)>,
-    /// The shim runs on a terminal (`run -t`): the container gets a
-    /// terminal of its own, fed from the shim's and sized as it is.
-    #[serde(default)]
-    tty: bool,
 }
 
-/// The host command that runs `cmd` in its container: the shim. `tty`:
-/// the shim is started on a terminal, and the container gets one too.
-pub(super) fn shim_command(cmd: &super::ProcessCommand, placement: &ContainerPlacement, tty: bool) -> tokio::process::Command {
+/// The host command that runs `cmd` in its container: the shim.
+pub(super) fn shim_command(cmd: &super::ProcessCommand, placement: &ContainerPlacement) -> tokio::process::Command {
     let spec = ShimSpec {
         placement: placement.clone(),
         command: cmd.command.clone(),
         cwd: cmd.cwd.clone(),
         env: cmd.env.clone(),
         user: cmd.user.map(|u| (u.uid, u.gid)),
-        tty,
     };
     let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("/proc/self/exe"));
     let mut c = tokio::process::Command::new(exe);
@@ -554,10 +548,7 @@ pub async fn shim_main() -> Result<i32> {
         exposed_ports: exposed,
         attach_stdout: Some(true),
         attach_stderr: Some(true),
-        attach_stdin: Some(spec.tty),
-        open_stdin: Some(spec.tty),
-        stdin_once: Some(spec.tty),
-        tty: Some(spec.tty),
+        tty: Some(false),
         host_config: Some(HostConfig {
             init: Some(true),
             readonly_rootfs: Some(true),
@@ -584,45 +575,23 @@ pub async fn shim_main() -> Result<i32> {
         .await
         .with_context(|| format!("creating a container from {}", p.image))?;
     let id = created.id;
-    let result = run_attached(&docker, &id, p, spec.tty).await;
+    let result = run_attached(&docker, &id, p).await;
     let opts = RemoveContainerOptionsBuilder::default().force(true).build();
     let _ = docker.remove_container(&id, Some(opts)).await;
     result
 }
 
-async fn run_attached(docker: &bollard::Docker, id: &str, p: &ContainerPlacement, tty: bool) -> Result<i32> {
+async fn run_attached(docker: &bollard::Docker, id: &str, p: &ContainerPlacement) -> Result<i32> {
     use tokio::signal::unix::{signal, SignalKind};
     let attach = docker
         .attach_container(
             id,
-            Some(AttachContainerOptionsBuilder::default().stdin(tty).stdout(true).stderr(true).stream(true).logs(true).build()),
+            Some(AttachContainerOptionsBuilder::default().stdout(true).stderr(true).stream(true).logs(true).build()),
         )
         .await
         .context("attaching to the container")?;
     let mut output = attach.output;
-    if tty {
-        // The container's terminal does the line editing, echo and Ctrl-C;
-        // the shim's own passes bytes through untouched.
-        let stdin = std::io::stdin();
-        let mut mode = nix::sys::termios::tcgetattr(&stdin).context("reading the terminal's mode")?;
-        nix::sys::termios::cfmakeraw(&mut mode);
-        nix::sys::termios::tcsetattr(&stdin, nix::sys::termios::SetArg::TCSANOW, &mode).context("setting the terminal raw")?;
-        let mut input = attach.input;
-        tokio::spawn(async move {
-            use tokio::io::AsyncReadExt;
-            let mut stdin = tokio::io::stdin();
-            let mut buf = vec![0u8; 4096];
-            while let Ok(n) = stdin.read(&mut buf).await {
-                if n == 0 || input.write_all(&buf[..n]).await.is_err() || input.flush().await.is_err() {
-                    break;
-                }
-            }
-        });
-    }
     docker.start_container(id, None).await.context("starting the container")?;
-    if tty {
-        resize_to_terminal(docker, id).await;
-    }
 
     let forwarded = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGQUIT, libc::SIGUSR1, libc::SIGUSR2, libc::SIGWINCH];
     let (sig_tx, mut sig_rx) = tokio::sync::mpsc::unbounded_channel::<i32>();
@@ -648,25 +617,16 @@ async fn run_attached(docker: &bollard::Docker, id: &str, p: &ContainerPlacement
     let mut output_open = true;
     let code = loop {
         tokio::select! {
-            // Flushed at once: tokio's stdout holds a write until the next
-            // one, and a prompt (no newline, nothing after it) must show.
             frame = output.next(), if output_open => match frame {
                 Some(Ok(bollard::container::LogOutput::StdErr { message })) => {
                     let _ = stderr.write_all(&message).await;
-                    let _ = stderr.flush().await;
                 }
                 Some(Ok(log)) => {
                     let _ = stdout.write_all(&log.into_bytes()).await;
-                    let _ = stdout.flush().await;
                 }
                 Some(Err(_)) | None => output_open = false,
             },
             Some(s) = sig_rx.recv() => {
-                if tty && s == libc::SIGWINCH {
-                    // The window changed: the container's terminal follows.
-                    resize_to_terminal(docker, id).await;
-                    continue;
-                }
                 let opts = KillContainerOptionsBuilder::default().signal(&s.to_string()).build();
                 let _ = docker.kill_container(id, Some(opts)).await;
                 if s == p.stop_signal {
@@ -707,17 +667,6 @@ async fn run_attached(docker: &bollard::Docker, id: &str, p: &ContainerPlacement
     let _ = stdout.flush().await;
     let _ = stderr.flush().await;
     Ok(code.clamp(0, 255) as i32)
-}
-
-/// Give the container's terminal the size of the shim's (its stdin).
-async fn resize_to_terminal(docker: &bollard::Docker, id: &str) {
-    let mut ws = libc::winsize { ws_row: 0, ws_col: 0, ws_xpixel: 0, ws_ypixel: 0 };
-    // SAFETY: TIOCGWINSZ writes one winsize into the live value we pass.
-    if unsafe { libc::ioctl(0, libc::TIOCGWINSZ, &mut ws) } != 0 || ws.ws_col == 0 {
-        return;
-    }
-    let opts = bollard::query_parameters::ResizeContainerTTYOptions { h: i32::from(ws.ws_row), w: i32::from(ws.ws_col) };
-    let _ = docker.resize_container_tty(id, opts).await;
 }
 
 /// `exec CMD` for a simple command: the container's init forwards signals

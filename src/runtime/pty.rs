@@ -81,12 +81,6 @@ pub fn spawn_piped(cmd: &ProcessCommand) -> std::io::Result<Child> {
 /// Start a one-off on a new terminal of `size`: the command as `cmd` says,
 /// as session leader with the terminal as its controlling terminal.
 pub fn spawn_on_terminal(cmd: &ProcessCommand, size: WindowSize) -> std::io::Result<(Child, Pty)> {
-    if let Some(placement) = &cmd.container {
-        // The container's shim takes the terminal and gives the container
-        // one of its own; the shim stays the daemon's user (the engine's
-        // socket), so the terminal stays the daemon's.
-        return spawn_in_terminal(super::container::shim_command(cmd, placement, true), size, None);
-    }
     // Not `to_command`: that puts the child in a process group of its own,
     // and a group leader may not start a session. A session is a group too,
     // so stopping the group still reaches everything it forks.
