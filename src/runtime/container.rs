@@ -129,6 +129,24 @@ pub struct AppImage {
     network: String,
 }
 
+impl AppImage {
+    /// `app`'s use of the image `id` under `tag`: the app's own dirs,
+    /// network and this server's identity come from where it runs.
+    fn of_app(layout: &Layout, app: &AppName, tag: String, id: String, inputs: String, network: String) -> AppImage {
+        AppImage {
+            tag,
+            id,
+            inputs,
+            app_dir: layout.app(app),
+            data_dir: layout.app_data(app),
+            logs_dir: layout.logs(app),
+            server: engine::server_id(layout.root()),
+            app: app.to_string(),
+            network,
+        }
+    }
+}
+
 /// The images of the releases this daemon runs or is about to run, by
 /// release tree: a process of a tree in here runs in a container.
 #[derive(Default)]
@@ -343,20 +361,7 @@ pub async fn prepare(
             id
         }
     };
-    images.insert(
-        tree,
-        AppImage {
-            tag,
-            id,
-            inputs: inputs_label,
-            app_dir: layout.app(app),
-            data_dir: layout.app_data(app),
-            logs_dir: layout.logs(app),
-            server: engine::server_id(layout.root()),
-            app: app.to_string(),
-            network,
-        },
-    );
+    images.insert(tree, AppImage::of_app(layout, app, tag, id, inputs_label, network));
     Ok(true)
 }
 
@@ -396,20 +401,7 @@ pub async fn prepare_promoted(
     // By id: the source's tag could have been moved since.
     engine.tag_image(&source.id, &repo, key).await?;
     progress.step(&format!("promote: image {} of {from} reused (nothing built)", short_id(&source.id)));
-    images.insert(
-        tree,
-        AppImage {
-            tag: format!("{repo}:{key}"),
-            id: source.id.clone(),
-            inputs: source.inputs.clone(),
-            app_dir: layout.app(app),
-            data_dir: layout.app_data(app),
-            logs_dir: layout.logs(app),
-            server: engine::server_id(layout.root()),
-            app: app.to_string(),
-            network,
-        },
-    );
+    images.insert(tree, AppImage::of_app(layout, app, format!("{repo}:{key}"), source.id.clone(), source.inputs.clone(), network));
     Ok(true)
 }
 
