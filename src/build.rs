@@ -674,16 +674,9 @@ fn create_shared_dir(dir: &Path) -> std::result::Result<(), String> {
 /// and readable, never writable, by everyone else.
 async fn share_read_only(dir: &Path) -> Result<()> {
     if is_root() {
-        let out = Command::new("chown").args(["-R", "-P", "-h", "0:0"]).arg(dir).output().await.context("chown")?;
-        if !out.status.success() {
-            bail!("chown {}: {}", dir.display(), String::from_utf8_lossy(&out.stderr).trim());
-        }
+        change_tree("chown", "chown", &["-R", "-P", "-h", "0:0"], dir).await?;
     }
-    let out = Command::new("chmod").args(["-R", "a+rX,go-w,ug-s"]).arg(dir).output().await.context("chmod")?;
-    if !out.status.success() {
-        bail!("chmod {}: {}", dir.display(), String::from_utf8_lossy(&out.stderr).trim());
-    }
-    Ok(())
+    change_tree("chmod", "chmod", &["-R", "a+rX,go-w,ug-s"], dir).await
 }
 
 /// uv's reason in one line: its `error:` and its last `cause:`.
@@ -800,21 +793,22 @@ fn which(name: &str, path: &str) -> Option<PathBuf> {
     path.split(':').map(|d| Path::new(d).join(name)).find(|p| p.is_file())
 }
 
+/// Run `chown`/`chmod` with `args` on `path`; `what` names the step in
+/// the error, with the tool's own complaint. (coreutils rather than a
+/// walk of our own: `-R -P -h` never follows a symlink a build planted.)
+async fn change_tree(what: &str, tool: &str, args: &[&str], path: &Path) -> Result<()> {
+    let out = Command::new(tool).args(args).arg(path).output().await.with_context(|| format!("{what} {}", path.display()))?;
+    if !out.status.success() {
+        bail!("{what} {}: {}", path.display(), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
+}
+
 /// Make a tree root's and read-only for everyone else, without following
 /// any symlink inside it.
 async fn seal(dir: &Path) -> Result<()> {
-    for args in [vec!["-R", "-P", "-h", "0:0"], vec![]] {
-        let out = if args.is_empty() {
-            Command::new("chmod").args(["-R", "go-w"]).arg(dir).output().await
-        } else {
-            Command::new("chown").args(&args).arg(dir).output().await
-        }
-        .with_context(|| format!("sealing {}", dir.display()))?;
-        if !out.status.success() {
-            bail!("sealing {}: {}", dir.display(), String::from_utf8_lossy(&out.stderr).trim());
-        }
-    }
-    Ok(())
+    change_tree("sealing", "chown", &["-R", "-P", "-h", "0:0"], dir).await?;
+    change_tree("sealing", "chmod", &["-R", "go-w"], dir).await
 }
 
 /// The build phase of a release (DESIGN.md `[build]`): the configured
@@ -856,16 +850,7 @@ fn has_django(env: &Environment) -> bool {
 /// Hand a new release tree to the app's user for its build phase. The
 /// tree is not live yet and nothing else runs in it.
 pub async fn open_tree(tree: &Path, user: AppUser) -> Result<()> {
-    let out = Command::new("chown")
-        .args(["-R", "-P", "-h", &format!("{}:{}", user.uid, user.gid)])
-        .arg(tree)
-        .output()
-        .await
-        .context("opening the release tree for its build")?;
-    if !out.status.success() {
-        bail!("opening the release tree for its build: {}", String::from_utf8_lossy(&out.stderr).trim());
-    }
-    Ok(())
+    change_tree("opening the release tree for its build", "chown", &["-R", "-P", "-h", &format!("{}:{}", user.uid, user.gid)], tree).await
 }
 
 /// Take a built release tree back: the daemon's, not writable by the app,
@@ -874,11 +859,7 @@ pub async fn seal_tree(tree: &Path, user: Option<AppUser>) -> Result<()> {
     if user.is_some() {
         seal(tree).await?;
     }
-    let out = Command::new("chmod").args(["-R", "go-w,ug-s"]).arg(tree).output().await.context("sealing the release tree")?;
-    if !out.status.success() {
-        bail!("sealing the release tree: {}", String::from_utf8_lossy(&out.stderr).trim());
-    }
-    Ok(())
+    change_tree("sealing the release tree", "chmod", &["-R", "go-w,ug-s"], tree).await
 }
 
 /// Create the completion marker; never through a symlink, never over an
