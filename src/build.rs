@@ -90,6 +90,10 @@ pub struct Builder {
     /// One per pinned version being installed into DIR/tools/python: a
     /// second push asking for it waits, then finds the first one's.
     python_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Managed installs found root's and read-only: walking one (some
+    /// 9,000 entries, tens of ms) on every push would tax each code-only
+    /// redeploy, and only root can loosen a root-owned tree after the check.
+    read_only_installs: Mutex<std::collections::HashSet<PathBuf>>,
     uv: tokio::sync::OnceCell<Option<PathBuf>>,
 }
 
@@ -106,6 +110,7 @@ impl Builder {
             uv_cache,
             key_locks: Mutex::default(),
             python_locks: Mutex::default(),
+            read_only_installs: Mutex::default(),
             uv: tokio::sync::OnceCell::new(),
         }
     }
@@ -197,7 +202,7 @@ impl Builder {
             // cannot reach (pyenv under /root), or one they (or anyone but
             // root) could change, is no interpreter for them.
             let usable = runnable_by_app_users(&found.path).and_then(|()| match managed.iter().find(|d| real.starts_with(d)) {
-                Some(install) => read_only_for_apps(install),
+                Some(install) => self.read_only_once(install),
                 None => Ok(()),
             });
             if let Err(why) = usable {
@@ -215,6 +220,17 @@ impl Builder {
             }
         }
         Err(missing)
+    }
+
+    /// [`read_only_for_apps`], walked once per install while it passes.
+    fn read_only_once(&self, install: &Path) -> std::result::Result<(), String> {
+        let known = || self.read_only_installs.lock().unwrap_or_else(|e| e.into_inner());
+        if known().contains(install) {
+            return Ok(());
+        }
+        read_only_for_apps(install)?;
+        known().insert(install.to_path_buf());
+        Ok(())
     }
 
     /// `uv python install PIN` into DIR/tools/python, as root, with
