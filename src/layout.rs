@@ -64,6 +64,12 @@ impl Layout {
     pub fn release(&self, app: &AppName, version: u32) -> PathBuf {
         self.releases(app).join(format!("v{version}"))
     }
+    /// `releases/vN.image`, beside the release tree `releases/vN`: the
+    /// image that tree runs in (containers), so a rollback or a restarted
+    /// daemon runs exactly that image.
+    pub fn image_record(release_tree: &Path) -> PathBuf {
+        release_tree.with_extension("image")
+    }
     pub fn current(&self, app: &AppName) -> PathBuf {
         self.app(app).join("current")
     }

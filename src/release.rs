@@ -24,6 +24,7 @@ use tracing::Instrument;
 
 use crate::build::Environment;
 use crate::git::{self, Quarantine};
+use crate::layout::Layout;
 use crate::manifest::{self, DeployPolicy, Manifest, ProcessSpec, Reload};
 use crate::names::{self, AppName};
 use crate::progress::Progress;
@@ -333,6 +334,8 @@ async fn deploy_locked(
             // Left by a daemon that died mid-deploy: not a live tree.
             tokio::fs::remove_dir_all(&dir).await.context("clearing stale release directory")?;
         }
+        // And its image record, if it got that far: this tree's image is chosen afresh.
+        let _ = tokio::fs::remove_file(Layout::image_record(&dir)).await;
         git::archive(&repo, q, commit, &dir).await?;
         let manifest = Manifest::load(&dir)?;
         crate::storage::mount(&p.layout, app, &dir, &manifest.storage, p.user_of(app)).await?;
@@ -1890,10 +1893,12 @@ async fn collect_releases(p: &Platform, app: &AppName) -> Result<()> {
     if let Ok(mut entries) = tokio::fs::read_dir(p.layout.releases(app)).await {
         while let Ok(Some(e)) = entries.next_entry().await {
             let name = e.file_name().to_string_lossy().to_string();
-            let tree: Option<u32> = name.strip_prefix('v').and_then(|n| n.parse().ok());
+            // `vN` and its image record `vN.image` go together.
+            let record = name.ends_with(".image");
+            let tree: Option<u32> = name.trim_end_matches(".image").strip_prefix('v').and_then(|n| n.parse().ok());
             if let Some(t) = tree {
                 if !kept_trees.contains(&t) && !releases.iter().any(|r| r.tree == t && r.status == ReleaseStatus::Pending) {
-                    let _ = tokio::fs::remove_dir_all(e.path()).await;
+                    let _ = if record { tokio::fs::remove_file(e.path()).await } else { tokio::fs::remove_dir_all(e.path()).await };
                 }
             }
         }

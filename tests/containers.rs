@@ -70,7 +70,11 @@ struct ContainerServer {
 
 impl ContainerServer {
     fn start(apps: &[&'static str]) -> ContainerServer {
-        ContainerServer { server: TestServer::start(), apps: apps.to_vec() }
+        ContainerServer::start_with(apps, &[])
+    }
+
+    fn start_with(apps: &[&'static str], flags: &[&str]) -> ContainerServer {
+        ContainerServer { server: TestServer::start_with(flags), apps: apps.to_vec() }
     }
 }
 
@@ -96,7 +100,7 @@ impl Drop for ContainerServer {
         block_on(async move {
             let Ok(engine) = Engine::connect().await else { return };
             let _ = engine.remove_containers(std::slice::from_ref(&label)).await;
-            let _ = engine.remove_networks(&[label]).await;
+            let _ = engine.remove_networks(std::slice::from_ref(&label)).await;
             for app in apps {
                 for img in engine.images(&format!("{LABEL_APP}={app}")).await.unwrap_or_default() {
                     if img.labels.get(LABEL_SERVER) == Some(&id) {
@@ -104,6 +108,13 @@ impl Drop for ContainerServer {
                             let _ = engine.remove_image(&t).await;
                         }
                     }
+                }
+            }
+            // Test base images (`test_base`), after the app images built on them.
+            let _ = engine.remove_image(&test_base_tag(&id)).await;
+            for img in engine.images(&label).await.unwrap_or_default() {
+                for t in if img.tags.is_empty() { vec![img.id] } else { img.tags } {
+                    let _ = engine.remove_image(&t).await;
                 }
             }
         });
@@ -392,4 +403,182 @@ fn an_apps_container_cannot_reach_another_apps_container_past_the_proxy() {
             .expect("networks")
     });
     assert!(left.is_empty(), "beta's network outlived it: {left:?}");
+}
+
+/// This test daemon's own name for the base image, so that a test can
+/// move it (`move_test_base`) without touching anyone else's builds.
+fn test_base_tag(server_id: &str) -> String {
+    format!("slipway-test/base:{server_id}")
+}
+
+/// Tag the imported base as this daemon's test base; returns its name.
+fn test_base(server: &ContainerServer) -> String {
+    let tag = test_base_tag(&server_id(&server.data()));
+    let (repo, t) = tag.split_once(':').expect("tag");
+    block_on(async {
+        let engine = Engine::connect().await.expect("engine");
+        engine.tag_image("slipway/python:bookworm", repo, t).await.expect("tag the test base");
+    });
+    tag
+}
+
+/// Point the test base at a new image (the base plus a label): every
+/// image key built on it changes, as after `import-base --force`.
+fn move_test_base(server: &ContainerServer) -> String {
+    let id = server_id(&server.data());
+    let tag = test_base_tag(&id);
+    let mut tar = tar::Builder::new(Vec::new());
+    let dockerfile = b"FROM slipway/python:bookworm\nLABEL slipway.test=moved\n";
+    let mut header = tar::Header::new_gnu();
+    header.set_size(dockerfile.len() as u64);
+    header.set_mode(0o644);
+    header.set_cksum();
+    tar.append_data(&mut header, "Dockerfile", &dockerfile[..]).expect("tar");
+    let context = tar.into_inner().expect("tar");
+    block_on(async {
+        let engine = Engine::connect().await.expect("engine");
+        let labels = HashMap::from([(LABEL_SERVER.to_string(), id.clone())]);
+        engine.build(context, "Dockerfile", &tag, &labels, &slipway::progress::Progress::default()).await.expect("build the moved base")
+    })
+}
+
+/// An app whose image is its base plus `marker.txt` (no network, builds
+/// in a second) and whose stdlib server answers `MARKER TEXT`.
+fn marker_app(base: &str, marker: &str, text: &str) -> AppRepo {
+    AppRepo::new(&[
+        ("Dockerfile", &format!("FROM {base}\nCOPY marker.txt /image-marker\n")),
+        ("marker.txt", &format!("{marker}\n")),
+        ("Procfile", "web: python3 app.py\n"),
+        ("slipway.toml", "[processes.web]\nreload = \"replace\"\n"),
+        ("app.py", &marker_server(text)),
+    ])
+}
+
+fn marker_server(text: &str) -> String {
+    format!(
+        "import http.server, os\n\
+         class H(http.server.BaseHTTPRequestHandler):\n\
+         \x20   def do_GET(self):\n\
+         \x20       body = (open('/image-marker').read().strip() + ' {text}').encode()\n\
+         \x20       self.send_response(200)\n\
+         \x20       self.send_header('Content-Length', str(len(body)))\n\
+         \x20       self.end_headers()\n\
+         \x20       self.wfile.write(body)\n\
+         http.server.ThreadingHTTPServer(('0.0.0.0', int(os.environ['PORT'])), H).serve_forever()\n"
+    )
+}
+
+/// The image the running web container of `app` was created from.
+fn web_image(server: &ContainerServer, app: &str) -> String {
+    let web = web_containers(server, app);
+    assert_eq!(web.len(), 1, "{web:?}");
+    web[0].image_id.clone().expect("image id")
+}
+
+/// Every tag the engine holds for an image id.
+fn tags_of(id: &str) -> Vec<String> {
+    block_on(async { Engine::connect().await.expect("engine").image(id).await.expect("inspect") }).map(|i| i.tags).unwrap_or_default()
+}
+
+#[test]
+fn rollback_runs_the_releases_recorded_image_and_old_tags_are_retagged() {
+    if !slow_tests_enabled("rollback_runs_the_releases_recorded_image_and_old_tags_are_retagged") {
+        return;
+    }
+    ensure_base();
+    let mut server = ContainerServer::start(&["pinned"]);
+    let sid = server_id(&server.data());
+    let base = test_base(&server);
+    let repo = marker_app(&base, "m1", "one");
+    repo.deploy(&server, "pinned");
+    assert_eq!(server.get("pinned", "/").1, "m1 one");
+    let v1_image = web_image(&server, "pinned");
+    // The tag names this server; the record beside v1 names the image.
+    let scoped: Vec<String> = tags_of(&v1_image).into_iter().filter(|t| t.starts_with(&format!("slipway/pinned:{sid}-"))).collect();
+    assert_eq!(scoped.len(), 1, "{:?}", tags_of(&v1_image));
+    let record = server.data().join("apps/pinned/releases/v1.image");
+    let text = std::fs::read_to_string(&record).expect("v1.image");
+    assert!(text.contains(&v1_image) && text.contains(&scoped[0]), "{text}");
+
+    // An older daemon tagged images without its id and wrote no records:
+    // a daemon started on its data retags the image, builds nothing.
+    server.stop();
+    let key = scoped[0].rsplit_once('-').expect("key").1.to_string();
+    block_on(async {
+        let engine = Engine::connect().await.expect("engine");
+        engine.tag_image(&v1_image, "slipway/pinned", &key).await.expect("legacy tag");
+        engine.remove_image(&scoped[0]).await.expect("untag");
+    });
+    std::fs::remove_file(&record).expect("remove the record");
+    let images_before = image_ids_of(&server);
+    server.restart();
+    assert_eq!(server.get("pinned", "/").1, "m1 one");
+    assert_eq!(web_image(&server, "pinned"), v1_image, "the old-style image runs again");
+    assert_eq!(tags_of(&v1_image), vec![scoped[0].clone()], "retagged, the old tag dropped");
+    assert_eq!(image_ids_of(&server), images_before, "nothing was built");
+    assert!(record.is_file(), "the record is written again");
+
+    // The base moves (imported again): v1's inputs hash to a new key now.
+    move_test_base(&server);
+    repo.write("marker.txt", "m2\n");
+    repo.write("app.py", &marker_server("two"));
+    repo.commit("new marker");
+    let out = repo.deploy(&server, "pinned");
+    assert!(out.contains("container deploy"), "{out}");
+    assert_eq!(server.get("pinned", "/").1, "m2 two");
+
+    // A restarted daemon knows nothing in memory: the rollback runs v1's
+    // own image from its record, not a rebuild from v1's inputs.
+    server.restart();
+    let out = server.ok(&["rollback", "pinned", "v1"]);
+    assert!(out.contains(&format!("code deploy: image {} reused (the release's own image)", &v1_image[7..19])), "{out}");
+    assert!(!out.contains("building"), "{out}");
+    server.wait_body("pinned", "m1 one", Duration::from_secs(20));
+    assert_eq!(web_image(&server, "pinned"), v1_image);
+}
+
+#[test]
+fn images_prune_and_collection_leave_another_servers_images_alone() {
+    if !slow_tests_enabled("images_prune_and_collection_leave_another_servers_images_alone") {
+        return;
+    }
+    ensure_base();
+    let server = ContainerServer::start(&["twin"]);
+    let other = ContainerServer::start_with(&["twin"], &["--keep-releases", "1"]);
+    let (mine, theirs) = (server_id(&server.data()), server_id(&other.data()));
+    // The same app name and the same inputs on two servers of one engine.
+    let repo = marker_app("slipway/python:bookworm", "m1", "one");
+    repo.deploy(&server, "twin");
+    let v1 = web_image(&server, "twin");
+    repo.write("marker.txt", "m2\n");
+    repo.commit("m2");
+    repo.deploy(&server, "twin");
+    let v2 = web_image(&server, "twin");
+    assert_ne!(v1, v2);
+
+    // The other server builds the same inputs under its own tags; its
+    // collection (--keep-releases 1) removes its v1 tag, never this one's.
+    let other_repo = marker_app("slipway/python:bookworm", "m1", "one");
+    other_repo.deploy(&other, "twin");
+    let other_v1 = web_image(&other, "twin");
+    other_repo.write("marker.txt", "m2\n");
+    other_repo.commit("m2");
+    other_repo.deploy(&other, "twin");
+    let other_v2 = web_image(&other, "twin");
+    assert!(!tags_of(&other_v1).iter().any(|t| t.contains(&theirs)), "collected: {:?}", tags_of(&other_v1));
+    assert!(!other.data().join("apps/twin/releases/v1.image").exists(), "v1's record went with its tree");
+    assert!(tags_of(&v1).iter().any(|t| t.starts_with(&format!("slipway/twin:{mine}-"))), "{:?}", tags_of(&v1));
+    other.ok(&["stop", "twin"]);
+    assert!(web_containers(&other, "twin").is_empty());
+
+    // Prune removes this server's unused image only.
+    let out = std::process::Command::new(BIN).args(["images", "prune", "--data"]).arg(server.data()).output().expect("prune");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!tags_of(&v1).iter().any(|t| t.contains(&mine)), "this server's unused image went: {:?}", tags_of(&v1));
+    assert!(tags_of(&v2).iter().any(|t| t.contains(&mine)), "the image in use stays");
+    assert!(tags_of(&other_v2).iter().any(|t| t.starts_with(&format!("slipway/twin:{theirs}-"))), "{:?}", tags_of(&other_v2));
+    // The other server starts its app from its own image, nothing built.
+    other.ok(&["start", "twin"]);
+    assert_eq!(other.get("twin", "/").1, "m2 one");
+    assert_eq!(web_image(&other, "twin"), other_v2);
 }

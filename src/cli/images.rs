@@ -10,7 +10,8 @@ use clap::Subcommand;
 
 use super::out;
 use crate::container::base::{self, ImportBase};
-use crate::container::{Engine, LABEL_APP, LABEL_BASE};
+use crate::container::{server_id, Engine, LABEL_APP, LABEL_BASE, LABEL_SERVER};
+use crate::layout::Layout;
 use crate::progress::Progress;
 
 #[derive(Subcommand, Debug)]
@@ -32,8 +33,12 @@ pub enum ImagesCmd {
     },
     /// List base images and app images
     List,
-    /// Remove app images no container uses (a rollback to their release rebuilds them)
-    Prune,
+    /// Remove this server's app images no container uses (a rollback to their release rebuilds them); other servers' images on the engine stay
+    Prune {
+        /// The server's data directory: its identity, which its images carry
+        #[arg(long, env = "SLIPWAY_DATA", value_name = "DIR")]
+        data: Option<PathBuf>,
+    },
 }
 
 pub async fn run(cmd: ImagesCmd) -> Result<i32> {
@@ -67,10 +72,17 @@ pub async fn run(cmd: ImagesCmd) -> Result<i32> {
                 }
             }
         }
-        ImagesCmd::Prune => {
+        ImagesCmd::Prune { data } => {
+            let server = server_id(&data.unwrap_or_else(Layout::default_root));
             let mut removed = 0;
             for img in engine.images(LABEL_APP).await? {
-                let names = if img.tags.is_empty() { vec![img.id.clone()] } else { img.tags.clone() };
+                // This server's tags only: an image another server also
+                // tagged stays for it. Untagged, it goes by the server label.
+                let names = if img.tags.is_empty() {
+                    if img.labels.get(LABEL_SERVER) == Some(&server) { vec![img.id.clone()] } else { vec![] }
+                } else {
+                    img.tags_of_server(&server, None)
+                };
                 for n in names {
                     if engine.remove_image(&n).await? {
                         removed += 1;

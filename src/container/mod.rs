@@ -52,6 +52,31 @@ pub fn server_id(root: &Path) -> String {
     hex::encode(&Sha256::digest(root.as_os_str().as_encoded_bytes())[..8])
 }
 
+/// The repository part of `app`'s image tags.
+pub fn image_repo(app: &str) -> String {
+    format!("slipway/{app}")
+}
+
+/// `app`'s image of the inputs `key` on the server `server`:
+/// `slipway/APP:SERVER-KEY`. The server's id is in the tag so that two
+/// daemons on one engine, each with an app of that name and the same
+/// inputs, never share (and never remove) each other's tag.
+pub fn app_image_tag(app: &str, server: &str, key: &str) -> String {
+    format!("{}:{server}-{key}", image_repo(app))
+}
+
+/// The tag an older daemon gave the same image (`slipway/APP:KEY`, no
+/// server): found, it is retagged, not rebuilt.
+pub fn legacy_image_tag(app: &str, key: &str) -> String {
+    format!("{}:{key}", image_repo(app))
+}
+
+/// The inputs' key of an app image tag, either style.
+pub fn image_key(tag: &str) -> &str {
+    let t = tag.rsplit_once(':').map(|(_, t)| t).unwrap_or(tag);
+    t.rsplit_once('-').map(|(_, k)| k).unwrap_or(t)
+}
+
 /// An image the engine holds.
 #[derive(Debug, Clone)]
 pub struct ImageInfo {
@@ -59,6 +84,31 @@ pub struct ImageInfo {
     pub tags: Vec<String>,
     pub size: u64,
     pub labels: HashMap<String, String>,
+}
+
+impl ImageInfo {
+    /// The tags of this image that belong to the server `server` (of `app`
+    /// only, or of any app): its server-scoped tags, and tags without a
+    /// server (an older daemon's) on an image it labelled as its own.
+    /// Another server's tags on the same image are never among them.
+    pub fn tags_of_server(&self, server: &str, app: Option<&str>) -> Vec<String> {
+        let labelled_mine = self.labels.get(LABEL_SERVER).is_some_and(|s| s == server);
+        self.tags
+            .iter()
+            .filter(|t| {
+                let Some((repo, tag)) = t.rsplit_once(':') else { return false };
+                let Some(name) = repo.strip_prefix("slipway/") else { return false };
+                if app.is_some_and(|a| a != name) {
+                    return false;
+                }
+                match tag.split_once('-') {
+                    Some((s, _)) => s == server,
+                    None => labelled_mine,
+                }
+            })
+            .cloned()
+            .collect()
+    }
 }
 
 impl Engine {
@@ -258,4 +308,30 @@ pub fn free_bytes(path: &Path) -> std::io::Result<u64> {
         return Err(std::io::Error::last_os_error());
     }
     Ok(st.f_bavail as u64 * st.f_frsize as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_server_owns_its_scoped_tags_and_its_own_legacy_ones_only() {
+        let mine = "aaaa";
+        let img = |tags: &[&str], server: &str| ImageInfo {
+            id: "sha256:1".into(),
+            tags: tags.iter().map(|t| t.to_string()).collect(),
+            size: 0,
+            labels: HashMap::from([(LABEL_SERVER.to_string(), server.to_string())]),
+        };
+        let shared = img(&["slipway/web:aaaa-k1", "slipway/web:bbbb-k1", "slipway/api:aaaa-k1"], "bbbb");
+        assert_eq!(shared.tags_of_server(mine, Some("web")), vec!["slipway/web:aaaa-k1"]);
+        assert_eq!(shared.tags_of_server(mine, None), vec!["slipway/web:aaaa-k1", "slipway/api:aaaa-k1"]);
+        // Tags without a server: an older daemon's, owned by the image's label.
+        assert_eq!(img(&["slipway/web:k1"], mine).tags_of_server(mine, None), vec!["slipway/web:k1"]);
+        assert!(img(&["slipway/web:k1"], "bbbb").tags_of_server(mine, None).is_empty());
+        assert!(img(&["other/web:aaaa-k1"], mine).tags_of_server(mine, None).is_empty());
+        assert_eq!(image_key("slipway/web:aaaa-k1"), "k1");
+        assert_eq!(image_key("slipway/web:k1"), "k1");
+        assert_eq!(app_image_tag("web", mine, "k1"), "slipway/web:aaaa-k1");
+    }
 }

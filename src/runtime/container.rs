@@ -243,11 +243,6 @@ async fn ensure_app_network(engine: &Engine, layout: &Layout, app: &AppName) -> 
     Ok(name)
 }
 
-/// The repository part of `app`'s image tags.
-fn image_repo(app: &str) -> String {
-    format!("slipway/{app}")
-}
-
 /// The host's CA bundle: `SSL_CERT_FILE`, else Debian's.
 fn ca_bundle() -> Option<PathBuf> {
     std::env::var_os("SSL_CERT_FILE")
@@ -270,16 +265,22 @@ pub async fn prepare(
     live_tree: Option<&Path>,
     progress: &Progress,
 ) -> Result<bool> {
-    // A tree this daemon already prepared (a rollback, a restart, a
-    // promotion's switch) keeps the image it was prepared with while the
-    // engine holds it: a base image imported again since would change the
-    // key, and a release's image never changes under it.
-    if let Some(known) = images.get(tree) {
+    // A tree prepared before (a rollback, a restart, a promotion's switch,
+    // by this daemon or an earlier one) keeps the image it was prepared
+    // with while the engine holds it: a base image imported again since
+    // would change the key, and a release's image never changes under it.
+    let known = images.get(tree).map(|i| ImageRecord { tag: i.tag.clone(), id: i.id.clone(), inputs: i.inputs.clone() });
+    if let Some(known) = known.or_else(|| read_record(tree)) {
         let engine = Engine::connect().await?;
-        if engine.image(&known.tag).await?.is_some_and(|i| i.id == known.id) {
-            ensure_app_network(&engine, layout, app).await?;
+        if let Some(found) = engine.image(&known.id).await? {
+            if !found.tags.contains(&known.tag) {
+                // Its tag was removed (`images prune` of a stopped app): by id.
+                let (repo, t) = known.tag.rsplit_once(':').unwrap_or((&known.tag, "latest"));
+                engine.tag_image(&known.id, repo, t).await?;
+            }
+            let network = ensure_app_network(&engine, layout, app).await?;
             progress.step(&format!("code deploy: image {} reused (the release's own image)", short_id(&known.id)));
-            return Ok(true);
+            return record(images, tree, AppImage::of_app(layout, app, known.tag, known.id, known.inputs, network)).map(|()| true);
         }
     }
     let base = python_image(&crate::container::base::host_suite());
@@ -311,7 +312,9 @@ pub async fn prepare(
     }
     let network = ensure_app_network(&engine, layout, app).await?;
     let key = plan.key(&base_ids);
-    let tag = format!("{}:{key}", image_repo(app.as_str()));
+    let server = engine::server_id(layout.root());
+    let tag = engine::app_image_tag(app.as_str(), &server, &key);
+    let legacy = engine::legacy_image_tag(app.as_str(), &key);
     let inputs_label = plan.label(&base_ids);
     let what = describe_inputs(&plan);
     if plan.whole_tree {
@@ -320,7 +323,22 @@ pub async fn prepare(
              copy only the dependency files (COPY requirements.txt ...): slipway mounts the code at run time",
         );
     }
-    let id = match engine.image(&tag).await? {
+    let existing = match engine.image(&tag).await? {
+        Some(existing) => Some(existing),
+        // An older daemon's tag of the same inputs, on its own image: the
+        // server's tag is added and the old one dropped, nothing built.
+        None => match engine.image(&legacy).await? {
+            Some(old) if old.tags_of_server(&server, Some(app.as_str())).contains(&legacy) => {
+                let (repo, t) = tag.rsplit_once(':').unwrap_or((&tag, "latest"));
+                engine.tag_image(&old.id, repo, t).await?;
+                engine.remove_image(&legacy).await?;
+                progress.info(&format!("image {} retagged {legacy} -> {tag}", short_id(&old.id)));
+                Some(old)
+            }
+            _ => None,
+        },
+    };
+    let id = match existing {
         Some(existing) => {
             progress.step(&format!("code deploy: image {} reused ({what} unchanged)", short_id(&existing.id)));
             existing.id
@@ -349,7 +367,7 @@ pub async fn prepare(
             };
             let labels = HashMap::from([
                 (engine::LABEL_APP.to_string(), app.to_string()),
-                (engine::LABEL_SERVER.to_string(), engine::server_id(layout.root())),
+                (engine::LABEL_SERVER.to_string(), server.clone()),
                 (engine::LABEL_INPUTS.to_string(), inputs_label.clone()),
             ]);
             let t = std::time::Instant::now();
@@ -361,8 +379,48 @@ pub async fn prepare(
             id
         }
     };
-    images.insert(tree, AppImage::of_app(layout, app, tag, id, inputs_label, network));
-    Ok(true)
+    record(images, tree, AppImage::of_app(layout, app, tag, id, inputs_label, network)).map(|()| true)
+}
+
+/// What `releases/vN.image` holds: the image the tree `vN` was prepared
+/// with. A rollback to it, or a daemon started later, runs exactly this
+/// image while the engine holds it, whatever its inputs hash to now.
+#[derive(Debug, Serialize, Deserialize)]
+struct ImageRecord {
+    tag: String,
+    id: String,
+    inputs: String,
+}
+
+/// The record beside `tree`, if any (and readable).
+fn read_record(tree: &Path) -> Option<ImageRecord> {
+    let path = Layout::image_record(tree);
+    let text = std::fs::read(&path).ok().filter(|t| t.len() < 64 * 1024)?;
+    serde_json::from_slice(&text).ok()
+}
+
+/// `image` is the one the release `tree` runs in: known to this daemon,
+/// and written down beside the tree (through a rename: a crash leaves the
+/// old record or the new one).
+fn record(images: &AppImages, tree: &Path, image: AppImage) -> Result<()> {
+    let path = Layout::image_record(tree);
+    let rec = ImageRecord { tag: image.tag.clone(), id: image.id.clone(), inputs: image.inputs.clone() };
+    let tmp = path.with_extension("image.tmp");
+    std::fs::write(&tmp, serde_json::to_vec(&rec)?)
+        .and_then(|()| std::fs::rename(&tmp, &path))
+        .with_context(|| format!("writing {}", path.display()))?;
+    images.insert(tree, image);
+    Ok(())
+}
+
+/// The tags the kept release trees of `app` run in: known to this daemon,
+/// or recorded beside a tree that still exists.
+fn kept_tags(images: &AppImages, layout: &Layout, app: &AppName) -> Vec<String> {
+    images.forget_missing();
+    let mut keep = images.tags_of(app.as_str());
+    let recorded = std::fs::read_dir(layout.releases(app)).into_iter().flatten().flatten().map(|e| e.path());
+    keep.extend(recorded.filter(|t| t.is_dir()).filter_map(|t| read_record(&t)).map(|r| r.tag));
+    keep
 }
 
 /// Runtime selection and the image for `tree`, a promotion of the release
@@ -396,13 +454,12 @@ pub async fn prepare_promoted(
     };
     let engine = Engine::connect().await?;
     let network = ensure_app_network(&engine, layout, app).await?;
-    let key = source.tag.rsplit_once(':').map(|(_, k)| k).unwrap_or(&source.tag);
-    let repo = image_repo(app.as_str());
+    let tag = engine::app_image_tag(app.as_str(), &engine::server_id(layout.root()), engine::image_key(&source.tag));
+    let (repo, t) = tag.rsplit_once(':').unwrap_or((&tag, "latest"));
     // By id: the source's tag could have been moved since.
-    engine.tag_image(&source.id, &repo, key).await?;
+    engine.tag_image(&source.id, repo, t).await?;
     progress.step(&format!("promote: image {} of {from} reused (nothing built)", short_id(&source.id)));
-    images.insert(tree, AppImage::of_app(layout, app, format!("{repo}:{key}"), source.id.clone(), source.inputs.clone(), network));
-    Ok(true)
+    record(images, tree, AppImage::of_app(layout, app, tag, source.id.clone(), source.inputs.clone(), network)).map(|()| true)
 }
 
 /// Remove what the engine holds for `app` (destroyed): its images no
@@ -444,25 +501,22 @@ pub async fn reap_leftovers(root: &Path) -> usize {
 /// were collected, or the app destroyed). Images a container still uses
 /// stay.
 pub async fn collect_images(images: &AppImages, layout: &Layout, app: &AppName) -> usize {
-    images.forget_missing();
-    let keep = images.tags_of(app.as_str());
+    let keep = kept_tags(images, layout, app);
     let server = engine::server_id(layout.root());
     let Ok(engine) = Engine::connect().await else { return 0 };
-    // By tag, not by the image's app label: a promoted image was built for
-    // (and labelled with) the source app and carries the target's tag too.
-    // Only the app's own tags go; an image with another tag left stays.
-    let Ok(list) = engine.images(&format!("{}={server}", engine::LABEL_SERVER)).await else { return 0 };
+    // By this server's tags of the app, not by the image's labels: a
+    // promoted image was built for (and labelled with) the source app and
+    // carries the target's tag too, and another server's tag of the same
+    // inputs may sit on it. Only the app's own tags go; an image with
+    // another tag left stays.
+    let Ok(list) = engine.images(engine::LABEL_APP).await else { return 0 };
     let mut n = 0;
-    for t in list.iter().flat_map(|i| &i.tags).filter(|t| is_tag_of(t, app.as_str()) && !keep.contains(t)) {
-        if engine.remove_image(t).await.unwrap_or(false) {
+    for t in list.iter().flat_map(|i| i.tags_of_server(&server, Some(app.as_str()))).filter(|t| !keep.contains(t)) {
+        if engine.remove_image(&t).await.unwrap_or(false) {
             n += 1;
         }
     }
     n
-}
-
-fn is_tag_of(tag: &str, app: &str) -> bool {
-    tag.rsplit_once(':').is_some_and(|(repo, _)| repo == image_repo(app))
 }
 
 /// What the app's images take, in words (`2 images, 245 MB`), or `None`
@@ -471,8 +525,8 @@ fn is_tag_of(tag: &str, app: &str) -> bool {
 pub async fn image_usage(layout: &Layout, app: &AppName) -> Option<String> {
     let engine = Engine::connect().await.ok()?;
     let server = engine::server_id(layout.root());
-    let list = engine.images(&format!("{}={server}", engine::LABEL_SERVER)).await.ok()?;
-    let mine: Vec<_> = list.into_iter().filter(|i| i.tags.iter().any(|t| is_tag_of(t, app.as_str()))).collect();
+    let list = engine.images(engine::LABEL_APP).await.ok()?;
+    let mine: Vec<_> = list.into_iter().filter(|i| !i.tags_of_server(&server, Some(app.as_str())).is_empty()).collect();
     if mine.is_empty() {
         return None;
     }
