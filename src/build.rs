@@ -741,7 +741,7 @@ fn runnable_by_app_users(path: &Path) -> std::result::Result<(), String> {
 }
 
 /// The pin from `.python-version` or `runtime.txt` (`python-3.11.7`).
-fn python_pin(dir: &Path) -> Result<Option<String>> {
+pub(crate) fn python_pin(dir: &Path) -> Result<Option<String>> {
     let read = |name: &str| -> Result<Option<String>> {
         let p = dir.join(name);
         match std::fs::symlink_metadata(&p) {
@@ -773,7 +773,7 @@ fn python_pin(dir: &Path) -> Result<Option<String>> {
 }
 
 /// `3.11` matches 3.11.x; `3.11.7` only 3.11.7.
-fn version_matches(pin: &str, actual: &str) -> bool {
+pub(crate) fn version_matches(pin: &str, actual: &str) -> bool {
     let a: Vec<&str> = actual.split('.').collect();
     pin.split('.').enumerate().all(|(i, p)| a.get(i) == Some(&p))
 }

@@ -68,8 +68,14 @@ pub const SYSTEM_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin
 
 impl ProcessCommand {
     fn to_command(&self) -> std::io::Result<Command> {
+        self.to_command_with_stdin(false)
+    }
+
+    /// The command, whose stdin (when `stdin`, the caller makes it a pipe)
+    /// reaches the process, in a container too.
+    fn to_command_with_stdin(&self, stdin: bool) -> std::io::Result<Command> {
         if let Some(placement) = &self.container {
-            let mut cmd = container::shim_command(self, placement);
+            let mut cmd = container::shim_command(self, placement, stdin);
             cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).process_group(0).kill_on_drop(false);
             return Ok(cmd);
         }

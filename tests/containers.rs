@@ -74,7 +74,11 @@ impl ContainerServer {
     }
 
     fn start_with(apps: &[&'static str], flags: &[&str]) -> ContainerServer {
-        ContainerServer { server: TestServer::start_with(flags), apps: apps.to_vec() }
+        ContainerServer::start_with_env(apps, flags, &[])
+    }
+
+    fn start_with_env(apps: &[&'static str], flags: &[&str], envs: &[(&str, &str)]) -> ContainerServer {
+        ContainerServer { server: TestServer::start_with_env(flags, envs), apps: apps.to_vec() }
     }
 }
 
@@ -166,6 +170,8 @@ fn dockerfile_app_runs_isolated_and_code_pushes_reuse_the_image() {
     ensure_base();
     let server = ContainerServer::start(&["boxed"]);
     let repo = dockerfile_app("one", "signal:HUP");
+    repo.write("slipway.toml", "[processes.web]\nreload = \"signal:HUP\"\nmemory = \"256M\"\nprocesses = 100\ncpus = 0.5\n");
+    repo.commit("limits");
     let out = repo.deploy(&server, "boxed");
     assert!(out.contains("container deploy: no image of these inputs yet"), "{out}");
     let (status, body) = server.get("boxed", "/");
@@ -179,6 +185,29 @@ fn dockerfile_app_runs_isolated_and_code_pushes_reuse_the_image() {
     assert_eq!(containers_of(&server).len(), 1, "one web container");
     let info = server.json(&["apps", "info", "boxed", "--json"]);
     assert!(info["images"].as_str().is_some_and(|s| s.starts_with("1 image, ") && s.contains(" MB")), "{info}");
+    // [processes.web] limits are the container's, as the engine sees them.
+    let web = web_containers(&server, "boxed");
+    let id = web[0].id.clone().expect("id");
+    let host = block_on(async { Engine::connect().await.expect("engine").docker().inspect_container(&id, None).await.expect("inspect") })
+        .host_config
+        .expect("host config");
+    assert_eq!(host.memory, Some(256 << 20));
+    assert_eq!(host.pids_limit, Some(100));
+    assert_eq!(host.nano_cpus, Some(500_000_000));
+    // A one-off runs in the image, its piped stdin reaching the command.
+    let mut run = std::process::Command::new(BIN)
+        .args(["run", "boxed", "--", "sh", "-c", "test -f /.dockerenv && cat"])
+        .env("SLIPWAY_URL", format!("http://{}", server.api))
+        .env("SLIPWAY_TOKEN", &server.token)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("slipway run");
+    std::io::Write::write_all(&mut run.stdin.take().expect("stdin"), b"hi from stdin\n").expect("write stdin");
+    let out = run.wait_with_output().expect("slipway run");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "hi from stdin\n");
 
     // Code only: the image is reused, the code switched under the running
     // container by HUP.
@@ -581,4 +610,132 @@ fn images_prune_and_collection_leave_another_servers_images_alone() {
     other.ok(&["start", "twin"]);
     assert_eq!(other.get("twin", "/").1, "m2 one");
     assert_eq!(web_image(&other, "twin"), other_v2);
+}
+
+#[test]
+fn generated_image_installs_a_uv_lock_with_uv_sync_and_refuses_a_pin_its_base_cannot_meet() {
+    if !slow_tests_enabled("generated_image_installs_a_uv_lock_with_uv_sync_and_refuses_a_pin_its_base_cannot_meet") {
+        return;
+    }
+    ensure_base();
+    let server = ContainerServer::start(&["locked"]);
+    let repo = AppRepo::new(&[
+        ("pyproject.toml", include_str!("fixtures/uv-app/pyproject.toml")),
+        ("uv.lock", include_str!("fixtures/uv-app/uv.lock")),
+        ("Procfile", "web: gunicorn app:app --bind 0.0.0.0:$PORT --workers 1\n"),
+        ("slipway.toml", "[docker]\nimage = \"python\"\n"),
+        ("app.py", &probe_app("locked")),
+    ]);
+    let out = repo.deploy(&server, "locked");
+    assert!(out.contains("uv sync --frozen"), "{out}");
+    let (status, body) = server.get("locked", "/");
+    assert_eq!(status, 200, "{body}");
+    assert!(body.starts_with("locked container"), "{body}");
+
+    // A pin the base's python3 cannot meet: refused before any build, in
+    // one line naming both versions; v1 serves on.
+    repo.write(".python-version", "3.99\n");
+    repo.commit("pin");
+    let out = repo.deploy_rejected(&server, "locked");
+    let line = out.lines().find(|l| l.contains(".python-version pins python 3.99")).unwrap_or_else(|| panic!("{out}"));
+    assert!(line.contains("the base image slipway/python:bookworm has python 3."), "{line}");
+    assert!(!out.contains("building"), "{out}");
+    assert!(server.get("locked", "/").1.starts_with("locked container"));
+}
+
+/// The web container serving `app` (its id).
+fn web_container_id(server: &ContainerServer, app: &str) -> String {
+    let web = web_containers(server, app);
+    assert_eq!(web.len(), 1, "{web:?}");
+    web[0].id.clone().expect("id")
+}
+
+#[test]
+fn every_failure_kind_rejects_the_push_and_the_old_container_keeps_serving() {
+    if !slow_tests_enabled("every_failure_kind_rejects_the_push_and_the_old_container_keeps_serving") {
+        return;
+    }
+    ensure_base();
+    // The daemon reaches the engine through a link the test can cut.
+    let engine_dir = tempfile::tempdir().expect("tempdir");
+    let link = engine_dir.path().join("docker.sock");
+    std::os::unix::fs::symlink("/var/run/docker.sock", &link).expect("link");
+    let docker_host = format!("unix://{}", link.display());
+    let server = ContainerServer::start_with_env(&["faulty"], &[], &[("DOCKER_HOST", &docker_host)]);
+    let base = "slipway/python:bookworm";
+    let repo = marker_app(base, "m1", "one");
+    repo.deploy(&server, "faulty");
+    assert_eq!(server.get("faulty", "/").1, "m1 one");
+    let serving = web_container_id(&server, "faulty");
+    let good = repo.head();
+
+    let toml = "[processes.web]\nreload = \"replace\"\n";
+    let dockerfile = format!("FROM {base}\nCOPY marker.txt /image-marker\n");
+    type Fault = (&'static str, Box<dyn Fn(&AppRepo)>, &'static str);
+    let faults: Vec<Fault> = vec![
+        (
+            "bad dependency",
+            Box::new(move |r: &AppRepo| {
+                r.write(
+                    "Dockerfile",
+                    &format!("FROM {base}\nCOPY .slipway/ca.crt /ca.crt\nRUN python3 -m venv /v && SSL_CERT_FILE=/ca.crt PIP_CERT=/ca.crt /v/bin/pip install -q no-such-package-slipway-test==0.0.1\n"),
+                )
+            }),
+            "the image build failed",
+        ),
+        ("failing test", Box::new(move |r: &AppRepo| r.write("slipway.toml", &format!("{toml}[test]\ncommand = \"exit 1\"\n"))), "test gate failed"),
+        ("failing release phase", Box::new(move |r: &AppRepo| r.write("slipway.toml", &format!("{toml}[release]\ncommand = \"exit 4\"\n"))), "release phase failed"),
+        (
+            "crash on boot",
+            Box::new(|r: &AppRepo| r.write("Procfile", "web: python3 -c 'import sys; print(\"boom in container\"); sys.exit(3)'\n")),
+            "crashed on boot",
+        ),
+        (
+            "never healthy",
+            Box::new(move |r: &AppRepo| {
+                r.write("app.py", &marker_server("sick").replace("send_response(200)", "send_response(503)"));
+                r.write("slipway.toml", &format!("{toml}[healthcheck]\ntimeout = \"3s\"\n"));
+            }),
+            "did not pass its health check",
+        ),
+        (
+            "unavailable interpreter",
+            Box::new(|r: &AppRepo| {
+                r.remove("Dockerfile");
+                r.write("slipway.toml", "[docker]\nimage = \"python\"\n");
+                r.write(".python-version", "3.99\n");
+            }),
+            ".python-version pins python 3.99",
+        ),
+        ("failing image build", Box::new(move |r: &AppRepo| r.write("Dockerfile", &format!("{dockerfile}RUN echo build-broke && exit 3\n"))), "the image build failed"),
+    ];
+    let check_unchanged = |kind: &str, out: &str| {
+        assert_eq!(server.get("faulty", "/").1, "m1 one", "{kind}: the old container stopped serving\n{out}");
+        assert_eq!(web_container_id(&server, "faulty"), serving, "{kind}: the serving container changed");
+        let releases = server.json(&["releases", "faulty", "--json"]);
+        let live: Vec<_> = releases.as_array().expect("list").iter().filter(|r| r["status"] == "live").map(|r| r["version"].clone()).collect();
+        assert_eq!(live, vec![serde_json::Value::from("v1")], "{kind}: {releases}");
+        assert_eq!(containers_of(&server).len(), 1, "{kind}: a new container was left behind");
+    };
+    for (kind, break_it, reason) in &faults {
+        repo.git(&["reset", "-q", "--hard", &good]);
+        break_it(&repo);
+        repo.commit(kind);
+        let out = repo.deploy_rejected(&server, "faulty");
+        assert!(out.contains(reason), "{kind}: no {reason:?} in\n{out}");
+        check_unchanged(kind, &out);
+    }
+
+    // The engine unreachable: the push says so and changes nothing; the
+    // running container (its shim's connection made before) serves on.
+    repo.git(&["reset", "-q", "--hard", &good]);
+    repo.write("app.py", &marker_server("two"));
+    repo.commit("code while the engine is away");
+    std::fs::remove_file(&link).expect("unlink");
+    std::os::unix::fs::symlink(engine_dir.path().join("dead.sock"), &link).expect("dead link");
+    let out = repo.deploy_rejected(&server, "faulty");
+    std::fs::remove_file(&link).expect("unlink");
+    std::os::unix::fs::symlink("/var/run/docker.sock", &link).expect("link");
+    assert!(out.contains("the docker engine is unreachable"), "{out}");
+    check_unchanged("unreachable engine", &out);
 }

@@ -289,6 +289,55 @@ impl Engine {
         Ok(built.id)
     }
 
+    /// The Python version (`3.11.2`) of `image`'s `python3`, asked of a
+    /// throwaway container (no network, removed at once) and remembered by
+    /// image id: a base image never changes under its id.
+    pub async fn python_version(&self, image_id: &str, labels: &HashMap<String, String>) -> Result<String> {
+        static KNOWN: std::sync::Mutex<Vec<(String, String)>> = std::sync::Mutex::new(Vec::new());
+        let known = |k: &std::sync::Mutex<Vec<(String, String)>>| {
+            k.lock().unwrap_or_else(|e| e.into_inner()).iter().find(|(id, _)| id == image_id).map(|(_, v)| v.clone())
+        };
+        if let Some(v) = known(&KNOWN) {
+            return Ok(v);
+        }
+        let body = bollard::models::ContainerCreateBody {
+            image: Some(image_id.to_string()),
+            cmd: Some(["python3", "-c", "import platform; print(platform.python_version())"].map(String::from).to_vec()),
+            labels: Some(labels.clone()),
+            network_disabled: Some(true),
+            host_config: Some(bollard::models::HostConfig {
+                network_mode: Some("none".into()),
+                cap_drop: Some(vec!["ALL".into()]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let id = self.docker.create_container(None::<bollard::query_parameters::CreateContainerOptions>, body).await.context("creating a container to read the base image's python version")?.id;
+        let result = async {
+            self.docker.start_container(&id, None::<bollard::query_parameters::StartContainerOptions>).await?;
+            let mut wait = self.docker.wait_container(&id, None::<bollard::query_parameters::WaitContainerOptions>);
+            while let Some(w) = wait.next().await {
+                w?;
+            }
+            let opts = bollard::query_parameters::LogsOptionsBuilder::default().stdout(true).stderr(true).build();
+            let mut logs = self.docker.logs(&id, Some(opts));
+            let mut out = String::new();
+            while let Some(chunk) = logs.next().await {
+                out.push_str(&String::from_utf8_lossy(&chunk?.into_bytes()));
+            }
+            Ok::<_, bollard::errors::Error>(out)
+        }
+        .await;
+        let _ = self.docker.remove_container(&id, Some(RemoveContainerOptionsBuilder::default().force(true).build())).await;
+        let out = result.context("reading the base image's python version")?;
+        let version = out.trim().to_string();
+        if version.is_empty() || !version.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
+            return Err(anyhow!("the base image's python3 did not say its version: {}", out.trim()));
+        }
+        KNOWN.lock().unwrap_or_else(|e| e.into_inner()).push((image_id.to_string(), version.clone()));
+        Ok(version)
+    }
+
     /// Free bytes on the filesystem that holds the engine's images.
     pub async fn free_disk(&self) -> Result<u64> {
         let info = self.docker.info().await.context("asking the engine for its root directory")?;

@@ -93,22 +93,31 @@ struct ShimSpec {
     cwd: PathBuf,
     env: Vec<(String, String)>,
     user: Option<(u32, u32)>,
+    /// The shim's stdin goes to the container's (a one-off's piped
+    /// input), closed when it ends; otherwise the container has none.
+    #[serde(default)]
+    stdin: bool,
 }
 
-/// The host command that runs `cmd` in its container: the shim.
-pub(super) fn shim_command(cmd: &super::ProcessCommand, placement: &ContainerPlacement) -> tokio::process::Command {
+/// The host command that runs `cmd` in its container: the shim. `stdin`:
+/// what the shim reads is the container's input.
+pub(super) fn shim_command(cmd: &super::ProcessCommand, placement: &ContainerPlacement, stdin: bool) -> tokio::process::Command {
     let spec = ShimSpec {
         placement: placement.clone(),
         command: cmd.command.clone(),
         cwd: cmd.cwd.clone(),
         env: cmd.env.clone(),
         user: cmd.user.map(|u| (u.uid, u.gid)),
+        stdin,
     };
     let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("/proc/self/exe"));
     let mut c = tokio::process::Command::new(exe);
     c.arg("container-shim").env_clear().env(SHIM_SPEC_VAR, serde_json::to_string(&spec).unwrap_or_default());
-    if let Some(path) = std::env::var_os("PATH") {
-        c.env("PATH", path);
+    // The engine the daemon uses (DOCKER_HOST), the shim uses too.
+    for var in ["PATH", "DOCKER_HOST"] {
+        if let Some(v) = std::env::var_os(var) {
+            c.env(var, v);
+        }
     }
     // The shim stays the daemon's user: it needs the engine's socket. The
     // app's own uid applies inside the container.
@@ -310,9 +319,12 @@ pub async fn prepare(
             ),
         }
     }
+    let server = engine::server_id(layout.root());
+    if plan.dockerfile_path.is_none() {
+        check_python_pin(&engine, tree, &plan, &base_ids, &server, app).await?;
+    }
     let network = ensure_app_network(&engine, layout, app).await?;
     let key = plan.key(&base_ids);
-    let server = engine::server_id(layout.root());
     let tag = engine::app_image_tag(app.as_str(), &server, &key);
     let legacy = engine::legacy_image_tag(app.as_str(), &key);
     let inputs_label = plan.label(&base_ids);
@@ -380,6 +392,21 @@ pub async fn prepare(
         }
     };
     record(images, tree, AppImage::of_app(layout, app, tag, id, inputs_label, network)).map(|()| true)
+}
+
+/// A generated image's interpreter is its base's `python3`: a
+/// `.python-version`/`runtime.txt` pin it cannot meet is refused here,
+/// before anything is built, in one line naming both versions.
+async fn check_python_pin(engine: &Engine, tree: &Path, plan: &ImagePlan, base_ids: &[String], server: &str, app: &AppName) -> Result<()> {
+    let Some(pin) = crate::build::python_pin(tree)? else { return Ok(()) };
+    let (Some(base), Some(id)) = (plan.bases.first(), base_ids.first()) else { return Ok(()) };
+    let labels = HashMap::from([(engine::LABEL_APP.to_string(), app.to_string()), (engine::LABEL_SERVER.to_string(), server.to_string())]);
+    let version = engine.python_version(id, &labels).await?;
+    if !crate::build::version_matches(&pin, &version) {
+        let file = if tree.join(".python-version").exists() { ".python-version" } else { "runtime.txt" };
+        bail!("{file} pins python {pin}, but the base image {base} has python {version}: pin {version} or a prefix of it, or give the app a Dockerfile FROM an image with python {pin}");
+    }
+    Ok(())
 }
 
 /// What `releases/vN.image` holds: the image the tree `vN` was prepared
@@ -594,6 +621,9 @@ pub async fn shim_main() -> Result<i32> {
         exposed_ports: exposed,
         attach_stdout: Some(true),
         attach_stderr: Some(true),
+        attach_stdin: Some(spec.stdin),
+        open_stdin: Some(spec.stdin),
+        stdin_once: Some(spec.stdin),
         tty: Some(false),
         host_config: Some(HostConfig {
             init: Some(true),
@@ -621,23 +651,32 @@ pub async fn shim_main() -> Result<i32> {
         .await
         .with_context(|| format!("creating a container from {}", p.image))?;
     let id = created.id;
-    let result = run_attached(&docker, &id, p).await;
+    let result = run_attached(&docker, &id, p, spec.stdin).await;
     let opts = RemoveContainerOptionsBuilder::default().force(true).build();
     let _ = docker.remove_container(&id, Some(opts)).await;
     result
 }
 
-async fn run_attached(docker: &bollard::Docker, id: &str, p: &ContainerPlacement) -> Result<i32> {
+async fn run_attached(docker: &bollard::Docker, id: &str, p: &ContainerPlacement, stdin: bool) -> Result<i32> {
     use tokio::signal::unix::{signal, SignalKind};
     let attach = docker
         .attach_container(
             id,
-            Some(AttachContainerOptionsBuilder::default().stdout(true).stderr(true).stream(true).logs(true).build()),
+            Some(AttachContainerOptionsBuilder::default().stdin(stdin).stdout(true).stderr(true).stream(true).logs(true).build()),
         )
         .await
         .context("attaching to the container")?;
     let mut output = attach.output;
     docker.start_container(id, None).await.context("starting the container")?;
+    if stdin {
+        // Its end (the client's EOF) half-closes the attach stream: the
+        // engine then closes the container's stdin (`stdin_once`).
+        let mut input = attach.input;
+        tokio::spawn(async move {
+            let _ = tokio::io::copy(&mut tokio::io::stdin(), &mut input).await;
+            let _ = input.shutdown().await;
+        });
+    }
 
     let forwarded = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGQUIT, libc::SIGUSR1, libc::SIGUSR2, libc::SIGWINCH];
     let (sig_tx, mut sig_rx) = tokio::sync::mpsc::unbounded_channel::<i32>();

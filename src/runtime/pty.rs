@@ -73,7 +73,7 @@ impl Pty {
 /// Start a one-off as `cmd` says (user, directory, environment), its stdin,
 /// stdout and stderr each a pipe of their own, in its own process group.
 pub fn spawn_piped(cmd: &ProcessCommand) -> std::io::Result<Child> {
-    let mut c = cmd.to_command()?;
+    let mut c = cmd.to_command_with_stdin(true)?;
     c.stdin(Stdio::piped());
     c.spawn()
 }
