@@ -575,25 +575,22 @@ fn images_prune_and_collection_leave_another_servers_images_alone() {
     let server = ContainerServer::start(&["twin"]);
     let other = ContainerServer::start_with(&["twin"], &["--keep-releases", "1"]);
     let (mine, theirs) = (server_id(&server.data()), server_id(&other.data()));
-    // The same app name and the same inputs on two servers of one engine.
-    let repo = marker_app("slipway/python:bookworm", "m1", "one");
-    repo.deploy(&server, "twin");
-    let v1 = web_image(&server, "twin");
-    repo.write("marker.txt", "m2\n");
-    repo.commit("m2");
-    repo.deploy(&server, "twin");
-    let v2 = web_image(&server, "twin");
+    // The same app name and the same inputs on two servers of one engine:
+    // v1 and v2, each its own image, and the images both run.
+    let two_images = |server: &ContainerServer| {
+        let repo = marker_app("slipway/python:bookworm", "m1", "one");
+        repo.deploy(server, "twin");
+        let v1 = web_image(server, "twin");
+        repo.write("marker.txt", "m2\n");
+        repo.commit("m2");
+        repo.deploy(server, "twin");
+        (v1, web_image(server, "twin"))
+    };
+    let (v1, v2) = two_images(&server);
     assert_ne!(v1, v2);
-
     // The other server builds the same inputs under its own tags; its
     // collection (--keep-releases 1) removes its v1 tag, never this one's.
-    let other_repo = marker_app("slipway/python:bookworm", "m1", "one");
-    other_repo.deploy(&other, "twin");
-    let other_v1 = web_image(&other, "twin");
-    other_repo.write("marker.txt", "m2\n");
-    other_repo.commit("m2");
-    other_repo.deploy(&other, "twin");
-    let other_v2 = web_image(&other, "twin");
+    let (other_v1, other_v2) = two_images(&other);
     assert!(!tags_of(&other_v1).iter().any(|t| t.contains(&theirs)), "collected: {:?}", tags_of(&other_v1));
     assert!(!other.data().join("apps/twin/releases/v1.image").exists(), "v1's record went with its tree");
     assert!(tags_of(&v1).iter().any(|t| t.starts_with(&format!("slipway/twin:{mine}-"))), "{:?}", tags_of(&v1));
