@@ -558,6 +558,7 @@ fn rollback_runs_the_releases_recorded_image_and_old_tags_are_retagged() {
 
     // A restarted daemon knows nothing in memory: the rollback runs v1's
     // own image from its record, not a rebuild from v1's inputs.
+    server.stop();
     server.restart();
     let out = server.ok(&["rollback", "pinned", "v1"]);
     assert!(out.contains(&format!("code deploy: image {} reused (the release's own image)", &v1_image[7..19])), "{out}");
