@@ -265,28 +265,54 @@ impl Engine {
             .build();
         let mut stream = self.docker.build_image(opts, None, Some(bollard::body_full(context.into())));
         let mut tail: Vec<String> = Vec::new();
-        while let Some(item) = stream.next().await {
-            match item {
-                Ok(info) => {
-                    if let Some(s) = info.stream {
-                        for line in s.lines().filter(|l| !l.trim().is_empty()) {
-                            progress.output(line);
-                            tail.push(line.to_string());
-                            if tail.len() > 20 {
-                                tail.remove(0);
+        // The image of each step (` ---> 3f2a1b2c3d4e`): a failed build
+        // leaves them behind, untagged and unlabelled, for nobody.
+        let mut steps: Vec<String> = Vec::new();
+        let result = async {
+            while let Some(item) = stream.next().await {
+                match item {
+                    Ok(info) => {
+                        if let Some(s) = info.stream {
+                            for line in s.lines().filter(|l| !l.trim().is_empty()) {
+                                progress.output(line);
+                                if let Some(id) = line.trim().strip_prefix("---> ").filter(|i| i.len() == 12 && i.bytes().all(|b| b.is_ascii_hexdigit())) {
+                                    steps.push(id.to_string());
+                                }
+                                tail.push(line.to_string());
+                                if tail.len() > 20 {
+                                    tail.remove(0);
+                                }
                             }
                         }
+                        if let Some(detail) = info.error_detail {
+                            return Err(anyhow!("{}", detail.message.unwrap_or_else(|| "unknown error".into())));
+                        }
                     }
-                    if let Some(detail) = info.error_detail {
-                        return Err(anyhow!("{}", detail.message.unwrap_or_else(|| "unknown error".into())));
-                    }
+                    Err(bollard::errors::Error::DockerStreamError { error }) => return Err(anyhow!("{error}")),
+                    Err(e) => return Err(e).context("building the image"),
                 }
-                Err(bollard::errors::Error::DockerStreamError { error }) => return Err(anyhow!("{error}")),
-                Err(e) => return Err(e).context("building the image"),
+            }
+            let built = self.image(tag).await?.ok_or_else(|| anyhow!("the build ended without an image; its last output:\n{}", tail.join("\n")))?;
+            Ok(built.id)
+        }
+        .await;
+        if result.is_err() {
+            self.remove_dangling(&steps).await;
+        }
+        result
+    }
+
+    /// Remove the step images a failed build made, newest first, as long
+    /// as nothing else holds them: no tag (a step can be another image's
+    /// last one) and no child (the engine refuses those).
+    async fn remove_dangling(&self, steps: &[String]) {
+        for id in steps.iter().rev() {
+            if let Ok(Some(i)) = self.image(id).await {
+                if i.tags.is_empty() {
+                    let _ = self.remove_image(&i.id).await;
+                }
             }
         }
-        let built = self.image(tag).await?.ok_or_else(|| anyhow!("the build ended without an image; its last output:\n{}", tail.join("\n")))?;
-        Ok(built.id)
     }
 
     /// The Python version (`3.11.2`) of `image`'s `python3`, asked of a
