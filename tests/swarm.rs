@@ -1,0 +1,242 @@
+//! Apps on Docker Swarm (issue 12), on a single-node swarm of this
+//! machine's engine: real pushes, real images, real swarm services, and
+//! real HTTP load through the proxy, which routes to the tasks' host-mode
+//! ports itself. Slow: they run when SLIPWAY_SLOW_TESTS=1 (CI sets it).
+//!
+//! The engine is left as it was found: a swarm this test initialised is
+//! left again, and every service, container, network and image a test's
+//! daemon made is removed by its label. `figure:` lines give the timings
+//! for the issue's closing note (nothing here asserts on time).
+
+mod util;
+
+use std::time::{Duration, Instant};
+
+use util::*;
+
+/// The engine in a swarm for a test's duration: initialised here (and
+/// left at the end, with the bridge swarm made) unless it already was.
+struct Swarm {
+    initialised: bool,
+    had_gwbridge: bool,
+}
+
+fn docker(args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new("docker").args(args).output().expect("run docker");
+    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+}
+
+impl Swarm {
+    fn join() -> Swarm {
+        let (_, state) = docker(&["info", "--format", "{{.Swarm.LocalNodeState}}"]);
+        if state.trim() == "active" {
+            return Swarm { initialised: false, had_gwbridge: true };
+        }
+        let had_gwbridge = docker(&["network", "inspect", "docker_gwbridge"]).0;
+        let (ok, out) = docker(&["swarm", "init", "--advertise-addr", "127.0.0.1"]);
+        assert!(ok, "docker swarm init: {out}");
+        Swarm { initialised: true, had_gwbridge }
+    }
+}
+
+impl Drop for Swarm {
+    fn drop(&mut self) {
+        if self.initialised {
+            let (ok, out) = docker(&["swarm", "leave", "--force"]);
+            if !ok {
+                eprintln!("docker swarm leave: {out}");
+            }
+            if !self.had_gwbridge {
+                let _ = docker(&["network", "rm", "docker_gwbridge"]);
+            }
+        }
+    }
+}
+
+/// A web app in a generated image: says its text and release; `/health`
+/// fails when `healthy` is false.
+fn swarm_app(text: &str) -> AppRepo {
+    AppRepo::new(&[
+        ("requirements.txt", "gunicorn==23.0.0\n"),
+        ("Procfile", "web: gunicorn app:app --bind 0.0.0.0:$PORT --workers 2\n"),
+        ("slipway.toml", "[docker]\nimage = \"python\"\n[healthcheck]\npath = \"/health\"\ntimeout = \"8s\"\n"),
+        ("app.py", &app_code(text, true)),
+    ])
+}
+
+fn app_code(text: &str, healthy: bool) -> String {
+    let health = if healthy { "200 OK" } else { "500 Internal Server Error" };
+    format!(
+        "import os\n\
+         def app(environ, start_response):\n\
+         \x20   if environ['PATH_INFO'] == '/health':\n\
+         \x20       start_response('{health}', [('Content-Length', '0')])\n\
+         \x20       return [b'']\n\
+         \x20   where = 'container' if os.path.exists('/.dockerenv') else 'host'\n\
+         \x20   body = f'{text} {{where}} {{os.environ[\"SLIPWAY_RELEASE\"]}}\\n'.encode()\n\
+         \x20   start_response('200 OK', [('Content-Type', 'text/plain'), ('Content-Length', str(len(body)))])\n\
+         \x20   return [body]\n"
+    )
+}
+
+/// The app's tasks as `ps --json` lists them.
+fn tasks(server: &TestServer, app: &str) -> Vec<serde_json::Value> {
+    server.json(&["ps", app, "--json"]).as_array().cloned().unwrap_or_default()
+}
+
+/// Wait until `ps` shows `n` running web tasks and nothing else.
+fn wait_tasks(server: &TestServer, app: &str, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let t = tasks(server, app);
+        if t.len() == n && t.iter().all(|t| t["state"] == "running" && t["node"].is_string()) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "not {n} running tasks: {t:?}");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// The services this test's daemon has in the swarm.
+fn services(server: &TestServer) -> usize {
+    let id = slipway::container::server_id(&server.data());
+    block_on(async move { slipway::runtime::swarm::services(&id, None).await.expect("services") }).len()
+}
+
+fn figure_requests(what: &str, ok: usize, failed: usize) {
+    println!("figure: {what}: {failed} failed of {} requests", ok + failed);
+}
+
+#[test]
+fn an_app_moves_onto_the_swarm_and_back_under_load_without_a_failed_request() {
+    if !slow_tests_enabled("an_app_moves_onto_the_swarm_and_back_under_load_without_a_failed_request") {
+        return;
+    }
+    ensure_base();
+    let _swarm = Swarm::join();
+    let server = ContainerServer::start(&["mover"]);
+    let repo = swarm_app("one");
+    repo.deploy(&server, "mover");
+    assert!(server.get("mover", "/").1.starts_with("one container v1"));
+    assert_eq!(server.json(&["apps", "info", "mover", "--json"])["scheduler"], "local");
+
+    let load = Load::start(&server, &["mover"], 4);
+    let t = Instant::now();
+    let out = server.ok(&["scheduler", "set", "mover", "swarm"]);
+    let onto = t.elapsed().as_secs_f64();
+    assert!(out.contains("runs on the swarm scheduler"), "{out}");
+    assert_eq!(services(&server), 1, "one service: web");
+    let listed = tasks(&server, "mover");
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(listed[0]["release"], "v1");
+    // The local container is gone; the task serves.
+    assert!(server.pids("mover").is_empty(), "local processes left");
+    assert!(server.get("mover", "/").1.starts_with("one container v1"));
+    assert_eq!(server.json(&["apps", "info", "mover", "--json"])["scheduler"], "swarm");
+    let nodes = server.json(&["nodes", "--json"]);
+    let node_tasks = nodes[0]["tasks"].as_array().expect("tasks on the node");
+    assert!(node_tasks.iter().any(|t| t.as_str().is_some_and(|t| t.starts_with("mover web.1"))), "{nodes}");
+    std::thread::sleep(Duration::from_secs(2));
+
+    let t = Instant::now();
+    let out = server.ok(&["scheduler", "set", "mover", "local"]);
+    let back = t.elapsed().as_secs_f64();
+    assert!(out.contains("runs on the local scheduler"), "{out}");
+    std::thread::sleep(Duration::from_secs(1));
+    let (ok, failed, firsts) = load.finish();
+    println!("figure: move onto the swarm: {onto:.1}s; back: {back:.1}s");
+    figure_requests("moving onto the swarm and back under load", ok, failed);
+    assert!(ok > 50, "the load was too light: {ok}");
+    assert_eq!(failed, 0, "{failed} of {} failed: {firsts:?}", ok + failed);
+    assert_eq!(services(&server), 0, "the services are removed");
+    assert!(server.get("mover", "/").1.starts_with("one container v1"));
+    assert_eq!(server.pids("mover").len(), 1, "one local process serves again");
+}
+
+#[test]
+fn scaled_tasks_roll_code_and_container_deploys_under_load_without_a_failed_request() {
+    if !slow_tests_enabled("scaled_tasks_roll_code_and_container_deploys_under_load_without_a_failed_request") {
+        return;
+    }
+    ensure_base();
+    let _swarm = Swarm::join();
+    let server = ContainerServer::start(&["roller"]);
+    let repo = swarm_app("v0");
+    repo.deploy(&server, "roller");
+    server.ok(&["scheduler", "set", "roller", "swarm"]);
+    server.ok(&["scale", "roller", "web=2"]);
+    wait_tasks(&server, "roller", 2);
+
+    let deploys: usize = std::env::var("SLIPWAY_SWARM_DEPLOYS").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
+    let load = Load::start(&server, &["roller"], 4);
+    let mut times = Vec::new();
+    for n in 1..=deploys {
+        repo.write("app.py", &app_code(&format!("v{n}"), true));
+        repo.commit(&format!("code v{n}"));
+        let t = Instant::now();
+        let out = repo.deploy(&server, "roller");
+        times.push(t.elapsed().as_secs_f64());
+        assert!(out.contains("code deploy: image "), "a code push built an image:\n{out}");
+        let release = format!("v{}", n + 1);
+        // Once the push returns, only the new release's tasks are routed.
+        for _ in 0..4 {
+            let body = server.get("roller", "/").1;
+            assert_eq!(body, format!("v{n} container {release}\n"));
+        }
+        let listed = tasks(&server, "roller");
+        assert_eq!(listed.iter().filter(|t| t["release"] == release.as_str()).count(), 2, "{listed:?}");
+    }
+    let (ok, failed, firsts) = load.finish();
+    let list = times.iter().map(|t| format!("{t:.1}s")).collect::<Vec<_>>().join(", ");
+    println!("figure: {deploys} rolling code deploys of 2 tasks on 1 node: {list}");
+    figure_requests(&format!("{deploys} rolling code deploys under load"), ok, failed);
+    assert!(ok > 50, "the load was too light: {ok}");
+    assert_eq!(failed, 0, "{failed} of {} failed: {firsts:?}", ok + failed);
+
+    // A dependency change: a new image, rolled the same way.
+    let load = Load::start(&server, &["roller"], 4);
+    repo.write("requirements.txt", "gunicorn==23.0.0\n# pinned\n");
+    repo.commit("deps");
+    let t = Instant::now();
+    let out = repo.deploy(&server, "roller");
+    let container = t.elapsed().as_secs_f64();
+    assert!(out.contains("container deploy: requirements.txt changed"), "{out}");
+    let release = format!("v{}", deploys + 2);
+    assert_eq!(server.get("roller", "/").1, format!("v{deploys} container {release}\n"));
+    let (ok, failed, firsts) = load.finish();
+    println!("figure: container deploy (dependency change) of 2 tasks on 1 node: {container:.1}s");
+    figure_requests("a rolling container deploy under load", ok, failed);
+    assert_eq!(failed, 0, "{failed} of {} failed: {firsts:?}", ok + failed);
+}
+
+#[test]
+fn a_release_failing_its_health_check_is_rolled_back_with_the_old_tasks_serving() {
+    if !slow_tests_enabled("a_release_failing_its_health_check_is_rolled_back_with_the_old_tasks_serving") {
+        return;
+    }
+    ensure_base();
+    let _swarm = Swarm::join();
+    let server = ContainerServer::start(&["sick"]);
+    let repo = swarm_app("good");
+    repo.deploy(&server, "sick");
+    server.ok(&["scheduler", "set", "sick", "swarm"]);
+
+    let load = Load::start(&server, &["sick"], 4);
+    repo.write("app.py", &app_code("bad", false));
+    repo.commit("unhealthy");
+    let t = Instant::now();
+    let out = repo.deploy_rejected(&server, "sick");
+    let rolled = t.elapsed().as_secs_f64();
+    assert!(out.contains("the swarm rolled"), "{out}");
+    assert!(out.contains("kept sick's previous tasks"), "{out}");
+    std::thread::sleep(Duration::from_secs(1));
+    let (ok, failed, firsts) = load.finish();
+    println!("figure: a push failing its health check on the swarm, rejected and rolled back in {rolled:.1}s");
+    figure_requests("a rolled-back deploy under load", ok, failed);
+    assert_eq!(failed, 0, "{failed} of {} failed: {firsts:?}", ok + failed);
+    assert_eq!(server.get("sick", "/").1, "good container v1\n");
+    let listed = tasks(&server, "sick");
+    assert!(listed.iter().all(|t| t["release"] == "v1"), "{listed:?}");
+    let releases = server.json(&["releases", "sick", "--json"]);
+    assert_eq!((&releases[0]["version"], &releases[0]["status"]), (&"v2".into(), &"failed".into()), "{releases}");
+}
