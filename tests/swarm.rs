@@ -97,6 +97,14 @@ fn wait_tasks(server: &TestServer, app: &str, n: usize) {
     }
 }
 
+/// The app's local containers (one per local process: their shims run
+/// them), as opposed to its swarm tasks.
+fn local_containers(server: &TestServer, app: &str) -> usize {
+    use slipway::container::{server_id, Engine, LABEL_APP, LABEL_SERVER};
+    let labels = [format!("{LABEL_SERVER}={}", server_id(&server.data())), format!("{LABEL_APP}={app}")];
+    block_on(async move { Engine::connect().await.expect("engine").containers(&labels).await.expect("list") }).len()
+}
+
 /// The services this test's daemon has in the swarm.
 fn services(server: &TestServer) -> usize {
     let id = slipway::container::server_id(&server.data());
@@ -119,6 +127,7 @@ fn an_app_moves_onto_the_swarm_and_back_under_load_without_a_failed_request() {
     repo.deploy(&server, "mover");
     assert!(server.get("mover", "/").1.starts_with("one container v1"));
     assert_eq!(server.json(&["apps", "info", "mover", "--json"])["scheduler"], "local");
+    assert_eq!(local_containers(&server, "mover"), 1);
 
     let load = Load::start(&server, &["mover"], 4);
     let t = Instant::now();
@@ -130,7 +139,7 @@ fn an_app_moves_onto_the_swarm_and_back_under_load_without_a_failed_request() {
     assert_eq!(listed.len(), 1, "{listed:?}");
     assert_eq!(listed[0]["release"], "v1");
     // The local container is gone; the task serves.
-    assert!(server.pids("mover").is_empty(), "local processes left");
+    assert_eq!(local_containers(&server, "mover"), 0, "local processes left");
     assert!(server.get("mover", "/").1.starts_with("one container v1"));
     assert_eq!(server.json(&["apps", "info", "mover", "--json"])["scheduler"], "swarm");
     let nodes = server.json(&["nodes", "--json"]);
@@ -151,6 +160,7 @@ fn an_app_moves_onto_the_swarm_and_back_under_load_without_a_failed_request() {
     assert_eq!(services(&server), 0, "the services are removed");
     assert!(server.get("mover", "/").1.starts_with("one container v1"));
     assert_eq!(server.pids("mover").len(), 1, "one local process serves again");
+    assert_eq!(local_containers(&server, "mover"), 1);
 }
 
 #[test]
