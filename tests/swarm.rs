@@ -111,20 +111,35 @@ fn services(server: &TestServer) -> usize {
     block_on(async move { slipway::runtime::swarm::services(&id, None).await.expect("services") }).len()
 }
 
-fn figure_requests(what: &str, ok: usize, failed: usize) {
-    println!("figure: {what}: {failed} failed of {} requests", ok + failed);
+/// A test's start: the base image, the swarm, a daemon, and `app`
+/// deployed (locally) from a fresh repo saying `text`; `None` when slow
+/// tests are off. Dropped in reverse: the daemon and what it made go
+/// before the swarm is left.
+fn deployed(test: &str, app: &'static str, text: &str) -> Option<(Swarm, ContainerServer, AppRepo)> {
+    if !slow_tests_enabled(test) {
+        return None;
+    }
+    ensure_base();
+    let swarm = Swarm::join();
+    let server = ContainerServer::start(&[app]);
+    let repo = swarm_app(text);
+    repo.deploy(&server, app);
+    Some((swarm, server, repo))
+}
+
+/// Stop the load, say its figure, and check that no request failed.
+fn no_request_failed(load: Load, what: &str) {
+    let (ok, failed, firsts) = load.finish();
+    eprintln!("figure: {what}: {failed} failed of {} requests", ok + failed);
+    assert!(ok > 20, "the load was too light: {ok} requests");
+    assert_eq!(failed, 0, "{what}: {failed} of {} failed: {firsts:?}", ok + failed);
 }
 
 #[test]
 fn an_app_moves_onto_the_swarm_and_back_under_load_without_a_failed_request() {
-    if !slow_tests_enabled("an_app_moves_onto_the_swarm_and_back_under_load_without_a_failed_request") {
+    let Some((_swarm, server, _repo)) = deployed("an_app_moves_onto_the_swarm_and_back_under_load_without_a_failed_request", "mover", "one") else {
         return;
-    }
-    ensure_base();
-    let _swarm = Swarm::join();
-    let server = ContainerServer::start(&["mover"]);
-    let repo = swarm_app("one");
-    repo.deploy(&server, "mover");
+    };
     assert!(server.get("mover", "/").1.starts_with("one container v1"));
     assert_eq!(server.json(&["apps", "info", "mover", "--json"])["scheduler"], "local");
     assert_eq!(local_containers(&server, "mover"), 1);
@@ -152,11 +167,8 @@ fn an_app_moves_onto_the_swarm_and_back_under_load_without_a_failed_request() {
     let back = t.elapsed().as_secs_f64();
     assert!(out.contains("runs on the local scheduler"), "{out}");
     std::thread::sleep(Duration::from_secs(1));
-    let (ok, failed, firsts) = load.finish();
-    println!("figure: move onto the swarm: {onto:.1}s; back: {back:.1}s");
-    figure_requests("moving onto the swarm and back under load", ok, failed);
-    assert!(ok > 50, "the load was too light: {ok}");
-    assert_eq!(failed, 0, "{failed} of {} failed: {firsts:?}", ok + failed);
+    eprintln!("figure: move onto the swarm: {onto:.1}s; back: {back:.1}s");
+    no_request_failed(load, "moving onto the swarm and back under load");
     assert_eq!(services(&server), 0, "the services are removed");
     assert!(server.get("mover", "/").1.starts_with("one container v1"));
     assert_eq!(server.pids("mover").len(), 1, "one local process serves again");
@@ -165,14 +177,10 @@ fn an_app_moves_onto_the_swarm_and_back_under_load_without_a_failed_request() {
 
 #[test]
 fn scaled_tasks_roll_code_and_container_deploys_under_load_without_a_failed_request() {
-    if !slow_tests_enabled("scaled_tasks_roll_code_and_container_deploys_under_load_without_a_failed_request") {
+    let Some((_swarm, server, repo)) = deployed("scaled_tasks_roll_code_and_container_deploys_under_load_without_a_failed_request", "roller", "v0")
+    else {
         return;
-    }
-    ensure_base();
-    let _swarm = Swarm::join();
-    let server = ContainerServer::start(&["roller"]);
-    let repo = swarm_app("v0");
-    repo.deploy(&server, "roller");
+    };
     server.ok(&["scheduler", "set", "roller", "swarm"]);
     server.ok(&["scale", "roller", "web=2"]);
     wait_tasks(&server, "roller", 2);
@@ -196,12 +204,9 @@ fn scaled_tasks_roll_code_and_container_deploys_under_load_without_a_failed_requ
         let listed = tasks(&server, "roller");
         assert_eq!(listed.iter().filter(|t| t["release"] == release.as_str()).count(), 2, "{listed:?}");
     }
-    let (ok, failed, firsts) = load.finish();
     let list = times.iter().map(|t| format!("{t:.1}s")).collect::<Vec<_>>().join(", ");
-    println!("figure: {deploys} rolling code deploys of 2 tasks on 1 node: {list}");
-    figure_requests(&format!("{deploys} rolling code deploys under load"), ok, failed);
-    assert!(ok > 50, "the load was too light: {ok}");
-    assert_eq!(failed, 0, "{failed} of {} failed: {firsts:?}", ok + failed);
+    eprintln!("figure: {deploys} rolling code deploys of 2 tasks on 1 node: {list}");
+    no_request_failed(load, &format!("{deploys} rolling code deploys under load"));
 
     // A dependency change: a new image, rolled the same way.
     let load = Load::start(&server, &["roller"], 4);
@@ -213,22 +218,15 @@ fn scaled_tasks_roll_code_and_container_deploys_under_load_without_a_failed_requ
     assert!(out.contains("container deploy: requirements.txt changed"), "{out}");
     let release = format!("v{}", deploys + 2);
     assert_eq!(server.get("roller", "/").1, format!("v{deploys} container {release}\n"));
-    let (ok, failed, firsts) = load.finish();
-    println!("figure: container deploy (dependency change) of 2 tasks on 1 node: {container:.1}s");
-    figure_requests("a rolling container deploy under load", ok, failed);
-    assert_eq!(failed, 0, "{failed} of {} failed: {firsts:?}", ok + failed);
+    eprintln!("figure: container deploy (dependency change) of 2 tasks on 1 node: {container:.1}s");
+    no_request_failed(load, "a rolling container deploy under load");
 }
 
 #[test]
 fn a_release_failing_its_health_check_is_rolled_back_with_the_old_tasks_serving() {
-    if !slow_tests_enabled("a_release_failing_its_health_check_is_rolled_back_with_the_old_tasks_serving") {
+    let Some((_swarm, server, repo)) = deployed("a_release_failing_its_health_check_is_rolled_back_with_the_old_tasks_serving", "sick", "good") else {
         return;
-    }
-    ensure_base();
-    let _swarm = Swarm::join();
-    let server = ContainerServer::start(&["sick"]);
-    let repo = swarm_app("good");
-    repo.deploy(&server, "sick");
+    };
     server.ok(&["scheduler", "set", "sick", "swarm"]);
 
     let load = Load::start(&server, &["sick"], 4);
@@ -240,10 +238,8 @@ fn a_release_failing_its_health_check_is_rolled_back_with_the_old_tasks_serving(
     assert!(out.contains("the swarm rolled"), "{out}");
     assert!(out.contains("kept sick's previous tasks"), "{out}");
     std::thread::sleep(Duration::from_secs(1));
-    let (ok, failed, firsts) = load.finish();
-    println!("figure: a push failing its health check on the swarm, rejected and rolled back in {rolled:.1}s");
-    figure_requests("a rolled-back deploy under load", ok, failed);
-    assert_eq!(failed, 0, "{failed} of {} failed: {firsts:?}", ok + failed);
+    eprintln!("figure: a push failing its health check on the swarm, rejected and rolled back in {rolled:.1}s");
+    no_request_failed(load, "a rolled-back deploy under load");
     assert_eq!(server.get("sick", "/").1, "good container v1\n");
     let listed = tasks(&server, "sick");
     assert!(listed.iter().all(|t| t["release"] == "v1"), "{listed:?}");

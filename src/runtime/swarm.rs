@@ -187,6 +187,23 @@ pub async fn apply(plan: &ServicePlan<'_>) -> Result<Applied> {
 
 /// Replace every task of the service (a restart), rolling as an update.
 pub async fn force_update(name: &str) -> Result<Applied> {
+    update_current(name, "restarting", None, |spec| {
+        if let Some(t) = spec.task_template.as_mut() {
+            t.force_update = Some(t.force_update.unwrap_or(0) + 1);
+        }
+    })
+    .await
+}
+
+/// Put the service back on its previous spec (a deploy that failed after
+/// swarm had finished rolling it).
+pub async fn roll_back(name: &str) -> Result<()> {
+    update_current(name, "rolling back", Some("previous"), |_| {}).await.map(|_| ())
+}
+
+/// Update the service from its current spec, changed by `edit` (`what`
+/// names the change in errors; `rollback`: the API's rollback flag).
+async fn update_current(name: &str, what: &str, rollback: Option<&str>, edit: impl FnOnce(&mut ServiceSpec)) -> Result<Applied> {
     let engine = Engine::connect().await?;
     let docker = engine.docker();
     let current = docker
@@ -195,28 +212,13 @@ pub async fn force_update(name: &str) -> Result<Applied> {
         .with_context(|| format!("inspecting service {name}"))?;
     let version = current.version.and_then(|v| v.index).ok_or_else(|| anyhow!("service {name} has no version"))?;
     let mut spec = current.spec.ok_or_else(|| anyhow!("service {name} has no spec"))?;
-    if let Some(t) = spec.task_template.as_mut() {
-        t.force_update = Some(t.force_update.unwrap_or(0) + 1);
+    edit(&mut spec);
+    let mut opts = UpdateServiceOptionsBuilder::default().version(version as i32);
+    if let Some(r) = rollback {
+        opts = opts.rollback(r);
     }
-    let opts = UpdateServiceOptionsBuilder::default().version(version as i32).build();
-    docker.update_service(name, spec, opts, None).await.with_context(|| format!("restarting service {name}"))?;
+    docker.update_service(name, spec, opts.build(), None).await.with_context(|| format!("{what} service {name}"))?;
     Ok(Applied { name: name.to_string(), before: current.update_status })
-}
-
-/// Put the service back on its previous spec (a deploy that failed after
-/// swarm had finished rolling it).
-pub async fn roll_back(name: &str) -> Result<()> {
-    let engine = Engine::connect().await?;
-    let docker = engine.docker();
-    let current = docker
-        .inspect_service(name, None::<bollard::query_parameters::InspectServiceOptions>)
-        .await
-        .with_context(|| format!("inspecting service {name}"))?;
-    let version = current.version.and_then(|v| v.index).ok_or_else(|| anyhow!("service {name} has no version"))?;
-    let spec = current.spec.ok_or_else(|| anyhow!("service {name} has no spec"))?;
-    let opts = UpdateServiceOptionsBuilder::default().version(version as i32).rollback("previous").build();
-    docker.update_service(name, spec, opts, None).await.with_context(|| format!("rolling back service {name}"))?;
-    Ok(())
 }
 
 /// Where the update of `applied` stands.
@@ -510,4 +512,96 @@ fn service_spec(plan: &ServicePlan<'_>) -> Result<ServiceSpec> {
 
 fn nanos(d: Duration) -> i64 {
     i64::try_from(d.as_nanos()).unwrap_or(i64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::path::PathBuf;
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::runtime::container::ContainerPlacement;
+    use crate::runtime::AppUser;
+
+    fn web_command() -> ProcessCommand {
+        let placement = ContainerPlacement {
+            image: "slipway/shop:abc".into(),
+            image_id: "sha256:0123".into(),
+            labels: BTreeMap::from([(engine::LABEL_SERVER.to_string(), "srv1".to_string())]),
+            read_only: vec![PathBuf::from("/data/apps/shop")],
+            writable: vec![PathBuf::from("/data/apps/shop/data")],
+            masked: vec![],
+            memory: Some(256 << 20),
+            cpus: Some(0.5),
+            pids: Some(64),
+            stop_signal: libc::SIGTERM,
+            stop_timeout_ms: 10_000,
+            ca_bundle: None,
+            network: None,
+        };
+        ProcessCommand {
+            command: "gunicorn app:app --bind 0.0.0.0:$PORT".into(),
+            cwd: PathBuf::from("/data/apps/shop/releases/v3"),
+            env: vec![("PATH".into(), "/host/bin".into()), ("PORT".into(), TASK_PORT.to_string()), ("SECRET".into(), "x".into())],
+            user: Some(AppUser { uid: 20001, gid: 20001 }),
+            limits: Default::default(),
+            container: Some(Arc::new(placement)),
+            cgroup: None,
+        }
+    }
+
+    #[test]
+    fn a_web_service_rolls_start_first_on_a_host_port_gated_by_the_apps_health_check() -> Result<()> {
+        let cmd = web_command();
+        let health = HealthCheck { path: "/up?x='1'".into(), host: "shop.localhost".into(), within: Duration::from_secs(30) };
+        let plan = ServicePlan { app: "shop", ptype: "web", release: 3, command: &cmd, replicas: 2, health: Some(health) };
+        let spec = service_spec(&plan)?;
+        assert_eq!(spec.name.as_deref(), Some("slipway-shop-web-srv1"));
+        let labels = spec.labels.clone().unwrap_or_default();
+        assert_eq!(labels.get(engine::LABEL_RELEASE).map(String::as_str), Some("v3"));
+        let update = spec.update_config.clone().unwrap_or_default();
+        assert_eq!(update.order, Some(ServiceSpecUpdateConfigOrderEnum::START_FIRST));
+        assert_eq!(update.failure_action, Some(ServiceSpecUpdateConfigFailureActionEnum::ROLLBACK));
+        let ports = spec.endpoint_spec.and_then(|e| e.ports).unwrap_or_default();
+        assert_eq!(ports.len(), 1);
+        assert_eq!(ports[0].publish_mode, Some(EndpointPortConfigPublishModeEnum::HOST));
+        assert_eq!(ports[0].published_port, None, "the engine picks the port");
+        let task = spec.task_template.unwrap_or_default();
+        let c = task.container_spec.unwrap_or_default();
+        // By id: no registry is asked.
+        assert_eq!(c.image.as_deref(), Some("sha256:0123"));
+        assert_eq!(c.user.as_deref(), Some("20001:20001"));
+        assert_eq!(c.read_only, Some(true));
+        assert_eq!(c.capability_drop, Some(vec!["ALL".to_string()]));
+        // The host's PATH stays out; the app's own variables go in.
+        let env = c.env.unwrap_or_default();
+        assert!(!env.iter().any(|e| e.starts_with("PATH=")), "{env:?}");
+        assert!(env.contains(&"SECRET=x".to_string()));
+        // The app's command runs under the wrapper that holds its stop signal.
+        let command = c.command.unwrap_or_default();
+        assert_eq!(command[2], DRAINING_WRAPPER);
+        assert_eq!(command.last().map(String::as_str), Some("exec gunicorn app:app --bind 0.0.0.0:$PORT"));
+        assert_eq!(c.stop_grace_period, Some(nanos(Duration::from_secs(12))));
+        let probe = c.health_check.and_then(|h| h.test).unwrap_or_default();
+        assert_eq!(probe[0], "CMD-SHELL");
+        assert!(probe[1].contains(r"'/up?x='\''1'\'''"), "{}", probe[1]);
+        let limits = task.resources.and_then(|r| r.limits).unwrap_or_default();
+        assert_eq!((limits.memory_bytes, limits.nano_cpus, limits.pids), (Some(256 << 20), Some(500_000_000), Some(64)));
+        Ok(())
+    }
+
+    #[test]
+    fn a_worker_service_has_no_port_no_health_check_and_no_held_stop() -> Result<()> {
+        let mut cmd = web_command();
+        cmd.env.retain(|(k, _)| k != "PORT");
+        let plan = ServicePlan { app: "shop", ptype: "worker", release: 3, command: &cmd, replicas: 1, health: None };
+        let spec = service_spec(&plan)?;
+        assert_eq!(spec.endpoint_spec.and_then(|e| e.ports), None);
+        let c = spec.task_template.and_then(|t| t.container_spec).unwrap_or_default();
+        assert_eq!(c.health_check, None);
+        assert_eq!(c.command.unwrap_or_default()[2], "exec gunicorn app:app --bind 0.0.0.0:$PORT");
+        assert_eq!(c.stop_grace_period, Some(nanos(Duration::from_secs(10))));
+        Ok(())
+    }
 }
