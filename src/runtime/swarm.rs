@@ -15,8 +15,9 @@
 //! reaches the app, so the proxy has stopped sending it requests by then.
 //!
 //! Services carry the daemon's identity (`slipway.server`); their task
-//! containers carry it under [`LABEL_SWARM_SERVER`] instead, so the clean-up
-//! of a local daemon's leftover containers never touches the swarm's.
+//! containers carry it under [`LABEL_SWARM_SERVER`] instead (and a blank
+//! `slipway.server`, over the one their image has), so the clean-up of a
+//! local daemon's leftover containers never touches the swarm's.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -387,6 +388,10 @@ fn service_spec(plan: &ServicePlan<'_>) -> Result<ServiceSpec> {
         (engine::LABEL_TYPE.to_string(), plan.ptype.to_string()),
         (engine::LABEL_RELEASE.to_string(), release),
         (LABEL_SWARM_SERVER.to_string(), server),
+        // A container inherits its image's labels, the daemon's identity
+        // among them: blanked, so that no daemon takes a task for a local
+        // container it left behind (and removes it at start).
+        (engine::LABEL_SERVER.to_string(), String::new()),
     ]);
     let mut mounts: Vec<Mount> = binds(p)
         .into_iter()
