@@ -826,15 +826,15 @@ impl Drop for ContainerServer {
 
 
 /// Remove the swarm services of the daemon `id` (swarm track), then wait
-/// until their task containers are gone, so their images can go too.
+/// until their task containers are gone (removing what is left), so their
+/// images can go too.
 async fn remove_services(engine: &slipway::container::Engine, id: &str) {
     use slipway::container::LABEL_SERVER;
     let filters = std::collections::HashMap::from([("label".to_string(), vec![format!("{LABEL_SERVER}={id}")])]);
     let opts = bollard::query_parameters::ListServicesOptionsBuilder::default().filters(&filters).build();
-    let Ok(services) = engine.docker().list_services(Some(opts)).await else { return };
-    if services.is_empty() {
-        return;
-    }
+    // Task containers outlive their service for a moment (and a service
+    // removed by the daemon itself may still be taking them down).
+    let services = engine.docker().list_services(Some(opts)).await.unwrap_or_default();
     for s in services {
         if let Some(sid) = s.id {
             let _ = engine.docker().delete_service(&sid).await;
