@@ -105,6 +105,20 @@ fn local_containers(server: &TestServer, app: &str) -> usize {
     block_on(async move { Engine::connect().await.expect("engine").containers(&labels).await.expect("list") }).len()
 }
 
+/// The networks each of the daemon's task containers is on.
+fn task_networks(server: &TestServer) -> Vec<Vec<String>> {
+    let label = format!("{}={}", slipway::runtime::swarm::LABEL_SWARM_SERVER, slipway::container::server_id(&server.data()));
+    let filters = std::collections::HashMap::from([("label".to_string(), vec![label])]);
+    block_on(async move {
+        let engine = slipway::container::Engine::connect().await.expect("engine");
+        let opts = bollard::query_parameters::ListContainersOptionsBuilder::default().filters(&filters).build();
+        engine.docker().list_containers(Some(opts)).await.expect("containers")
+    })
+    .into_iter()
+    .map(|c| c.network_settings.and_then(|n| n.networks).map(|n| n.into_keys().collect()).unwrap_or_default())
+    .collect()
+}
+
 /// The services this test's daemon has in the swarm.
 fn services(server: &TestServer) -> usize {
     let id = slipway::container::server_id(&server.data());
@@ -157,6 +171,13 @@ fn an_app_moves_onto_the_swarm_and_back_under_load_without_a_failed_request() {
     assert_eq!(local_containers(&server, "mover"), 0, "local processes left");
     assert!(server.get("mover", "/").1.starts_with("one container v1"));
     assert_eq!(server.json(&["apps", "info", "mover", "--json"])["scheduler"], "swarm");
+    // The task is on the app's own overlay network (and the engine's
+    // gateway bridge, which drops traffic between containers), never on
+    // the shared default bridge.
+    let nets = task_networks(&server);
+    assert_eq!(nets.len(), 1, "{nets:?}");
+    assert!(nets[0].iter().any(|n| n.starts_with("slipway-mover-") && n.ends_with("-swarm")), "{nets:?}");
+    assert!(!nets[0].iter().any(|n| n == "bridge"), "{nets:?}");
     let nodes = server.json(&["nodes", "--json"]);
     let node_tasks = nodes[0]["tasks"].as_array().expect("tasks on the node");
     assert!(node_tasks.iter().any(|t| t.as_str().is_some_and(|t| t.starts_with("mover web.1"))), "{nodes}");

@@ -164,6 +164,9 @@ pub(super) async fn remove_services(p: &Platform, app: &AppName) -> Result<()> {
     for name in tasks::services(&server, Some(app.as_str())).await? {
         tasks::remove(&name).await?;
     }
+    if let Err(e) = tasks::remove_network(&server, app.as_str()).await {
+        tracing::warn!(app = %app, error = %format!("{e:#}"), "removing the app's overlay network failed");
+    }
     Ok(())
 }
 

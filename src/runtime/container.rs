@@ -244,7 +244,7 @@ async fn ensure_app_network(engine: &Engine, layout: &Layout, app: &AppName) -> 
     let server = engine::server_id(layout.root());
     let name = network_name(&server, app.as_str());
     let labels = HashMap::from([(engine::LABEL_APP.to_string(), app.to_string()), (engine::LABEL_SERVER.to_string(), server)]);
-    engine.ensure_network(&name, &labels).await?;
+    engine.ensure_network(&name, "bridge", &labels).await?;
     Ok(name)
 }
 

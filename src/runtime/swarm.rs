@@ -3,7 +3,9 @@
 //! `slipway-APP-TYPE-SERVERID`, whose tasks run the release's image (named
 //! by its id: no registry on one node) with the release tree mounted as
 //! the container kind mounts it, as the app's uid, read-only, without
-//! capabilities, under `[processes.X]` limits.
+//! capabilities, under `[processes.X]` limits, on the app's own overlay
+//! network (`slipway-APP-SERVERID-swarm`): another app's tasks cannot
+//! reach its tasks there, only through the proxy.
 //!
 //! Swarm does the rolling: updates start each new task first, wait for its
 //! Docker health check (the app's own `[healthcheck]`, asked from inside
@@ -26,7 +28,7 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 use bollard::models::{
     EndpointPortConfig, EndpointPortConfigProtocolEnum, EndpointPortConfigPublishModeEnum, EndpointSpec, EndpointSpecModeEnum,
-    HealthConfig, Limit, LocalNodeState, Mount, MountTmpfsOptions, MountType, ServiceSpec, ServiceSpecMode, ServiceSpecModeReplicated,
+    HealthConfig, Limit, LocalNodeState, Mount, NetworkAttachmentConfig, MountTmpfsOptions, MountType, ServiceSpec, ServiceSpecMode, ServiceSpecModeReplicated,
     ServiceSpecRollbackConfig, ServiceSpecRollbackConfigFailureActionEnum, ServiceSpecRollbackConfigOrderEnum, ServiceSpecUpdateConfig,
     ServiceSpecUpdateConfigFailureActionEnum, ServiceSpecUpdateConfigOrderEnum, ServiceUpdateStatus, ServiceUpdateStatusStateEnum,
     TaskSpec, TaskSpecContainerSpec, TaskSpecResources, TaskSpecRestartPolicy, TaskSpecRestartPolicyConditionEnum, TaskState,
@@ -170,6 +172,13 @@ pub async fn apply(plan: &ServicePlan<'_>) -> Result<Applied> {
     let spec = service_spec(plan)?;
     let name = spec.name.clone().unwrap_or_default();
     let engine = Engine::connect().await?;
+    let server = server_of(plan)?;
+    let labels = HashMap::from([
+        (engine::LABEL_APP.to_string(), plan.app.to_string()),
+        (engine::LABEL_SERVER.to_string(), server.clone()),
+        (LABEL_SWARM_SERVER.to_string(), server.clone()),
+    ]);
+    engine.ensure_network(&network_name(&server, plan.app), "overlay", &labels).await?;
     let docker = engine.docker();
     match docker.inspect_service(&name, None::<bollard::query_parameters::InspectServiceOptions>).await {
         Ok(current) => {
@@ -352,6 +361,26 @@ pub async fn services(server: &str, app: Option<&str>) -> Result<Vec<String>> {
     Ok(list.into_iter().filter_map(|s| s.spec.and_then(|s| s.name)).collect())
 }
 
+/// Remove `app`'s overlay network once no task uses it any more (one
+/// still attached keeps it: it is reused, or goes with the app).
+pub async fn remove_network(server: &str, app: &str) -> Result<()> {
+    let engine = Engine::connect().await?;
+    let labels = [format!("{}={app}", engine::LABEL_APP), format!("{LABEL_SWARM_SERVER}={server}")];
+    engine.remove_networks(&labels).await.map(|_| ())
+}
+
+/// The name of `app`'s overlay network: its tasks (all types) share it,
+/// and no other app's tasks are on it; their published ports, which the
+/// proxy uses, are the only way in from outside.
+fn network_name(server: &str, app: &str) -> String {
+    format!("slipway-{app}-{server}-swarm")
+}
+
+fn server_of(plan: &ServicePlan<'_>) -> Result<String> {
+    let p = plan.command.container.as_ref().ok_or_else(|| anyhow!("{} {} has no image: on the swarm an app runs in containers", plan.app, plan.ptype))?;
+    Ok(p.labels.get(engine::LABEL_SERVER).cloned().unwrap_or_default())
+}
+
 /// Remove a service: swarm stops its tasks (web tasks after [`STOP_DELAY`]).
 pub async fn remove(name: &str) -> Result<()> {
     let engine = Engine::connect().await?;
@@ -373,9 +402,10 @@ pub async fn task_output(task: &str) -> Result<impl Stream<Item = Result<bollard
 /// The service spec of `plan`.
 fn service_spec(plan: &ServicePlan<'_>) -> Result<ServiceSpec> {
     let cmd = plan.command;
-    let p = cmd.container.as_ref().ok_or_else(|| anyhow!("{} {} has no image: on the swarm an app runs in containers", plan.app, plan.ptype))?;
-    let server = p.labels.get(engine::LABEL_SERVER).cloned().unwrap_or_default();
+    let server = server_of(plan)?;
+    let p = cmd.container.as_ref().ok_or_else(|| anyhow!("{} {} has no image", plan.app, plan.ptype))?;
     let name = service_name(&server, plan.app, plan.ptype);
+    let network = network_name(&server, plan.app);
     let release = format!("v{}", plan.release);
     let service_labels = HashMap::from([
         (engine::LABEL_APP.to_string(), plan.app.to_string()),
@@ -487,6 +517,7 @@ fn service_spec(plan: &ServicePlan<'_>) -> Result<ServiceSpec> {
                 delay: Some(nanos(Duration::from_secs(1))),
                 ..Default::default()
             }),
+            networks: Some(vec![NetworkAttachmentConfig { target: Some(network), ..Default::default() }]),
             ..Default::default()
         }),
         mode: Some(ServiceSpecMode {
@@ -591,6 +622,9 @@ mod tests {
         let probe = c.health_check.and_then(|h| h.test).unwrap_or_default();
         assert_eq!(probe[0], "CMD-SHELL");
         assert!(probe[1].contains(r"'/up?x='\''1'\'''"), "{}", probe[1]);
+        // On the app's own overlay network, not the engine's shared bridge.
+        let nets: Vec<Option<String>> = task.networks.clone().unwrap_or_default().into_iter().map(|n| n.target).collect();
+        assert_eq!(nets, vec![Some("slipway-shop-srv1-swarm".to_string())]);
         let limits = task.resources.and_then(|r| r.limits).unwrap_or_default();
         assert_eq!((limits.memory_bytes, limits.nano_cpus, limits.pids), (Some(256 << 20), Some(500_000_000), Some(64)));
         Ok(())
