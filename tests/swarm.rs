@@ -167,6 +167,17 @@ fn an_app_moves_onto_the_swarm_and_back_under_load_without_a_failed_request() {
     let listed = tasks(&server, "mover");
     assert_eq!(listed.len(), 1, "{listed:?}");
     assert_eq!(listed[0]["release"], "v1");
+    assert!(listed[0]["node"].as_str().is_some_and(|n| !n.is_empty()), "{listed:?}");
+    // The task's own output is in the app's log (it listens on the task port).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let logs = server.ok(&["logs", "mover", "--type", "web", "-n", "200"]);
+        if logs.lines().any(|l| l.contains("web.1") && l.contains("Listening at: http://0.0.0.0:5000")) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no task output in the logs:\n{logs}");
+        std::thread::sleep(Duration::from_millis(250));
+    }
     // The local container is gone; the task serves.
     assert_eq!(local_containers(&server, "mover"), 0, "local processes left");
     assert!(server.get("mover", "/").1.starts_with("one container v1"));
