@@ -256,7 +256,7 @@ fn scaled_tasks_roll_code_and_container_deploys_under_load_without_a_failed_requ
 
 #[test]
 fn a_release_failing_its_health_check_is_rolled_back_with_the_old_tasks_serving() {
-    let Some((_swarm, server, repo)) = deployed("a_release_failing_its_health_check_is_rolled_back_with_the_old_tasks_serving", "sick", "good") else {
+    let Some((_swarm, mut server, repo)) = deployed("a_release_failing_its_health_check_is_rolled_back_with_the_old_tasks_serving", "sick", "good") else {
         return;
     };
     server.ok(&["scheduler", "set", "sick", "swarm"]);
@@ -273,8 +273,20 @@ fn a_release_failing_its_health_check_is_rolled_back_with_the_old_tasks_serving(
     eprintln!("figure: a push failing its health check on the swarm, rejected and rolled back in {rolled:.1}s");
     no_request_failed(load, "a rolled-back deploy under load");
     assert_eq!(server.get("sick", "/").1, "good container v1\n");
-    let listed = tasks(&server, "sick");
-    assert!(listed.iter().all(|t| t["release"] == "v1"), "{listed:?}");
+    // Only v1 tasks are wanted (tasks being stopped may still be listed).
+    let wanted = |server: &TestServer| -> Vec<serde_json::Value> {
+        tasks(server, "sick").into_iter().filter(|t| !t["state"].as_str().unwrap_or("").contains("stopping")).collect()
+    };
+    let listed = wanted(&server);
+    assert!(!listed.is_empty() && listed.iter().all(|t| t["release"] == "v1"), "{listed:?}");
     let releases = server.json(&["releases", "sick", "--json"]);
     assert_eq!((&releases[0]["version"], &releases[0]["status"]), (&"v2".into(), &"failed".into()), "{releases}");
+
+    // A daemon restart leaves the tasks running: the same task serves after.
+    let before: Vec<serde_json::Value> = listed.iter().map(|t| t["task"].clone()).collect();
+    assert!(server.stop(), "the daemon stopped");
+    server.restart();
+    server.wait_body("sick", "good container v1", Duration::from_secs(30));
+    let after: Vec<serde_json::Value> = wanted(&server).iter().map(|t| t["task"].clone()).collect();
+    assert_eq!(after, before, "the tasks were replaced by a daemon restart");
 }

@@ -296,7 +296,8 @@ fn rollout_deadline(manifest: &Manifest, n: u32) -> Duration {
 
 /// Wait until the service runs `replicas` tasks of `release` and no other
 /// (and, for web, the proxy routes to exactly those); fail when swarm
-/// rolls the update back. `forced`: the tasks are replaced though their
+/// rolls the update back, once the rollback is done (the old tasks serve
+/// again when the deploy is refused). `forced`: the tasks are replaced though their
 /// release stays (a restart), so only a completed update counts.
 async fn wait_rolled(
     applied: &Applied,
@@ -314,6 +315,7 @@ async fn wait_rolled(
         if let Rollout::Failed(why) = &state {
             bail!("{}", failure(&applied.name, why, &list, &want));
         }
+        let rolling_back = matches!(state, Rollout::RollingBack(_));
         let settled = match state {
             Rollout::Completed => true,
             Rollout::Pending => !forced,
@@ -328,10 +330,13 @@ async fn wait_rolled(
             }
             None => true,
         };
-        if settled && new == replicas && others == 0 && routed {
+        if !rolling_back && settled && new == replicas && others == 0 && routed {
             return Ok(());
         }
         if Instant::now() >= deadline {
+            if let Rollout::RollingBack(why) = &state {
+                bail!("{}", failure(&applied.name, &format!("{why}; the rollback is still under way"), &list, &want));
+            }
             let _ = tasks::roll_back(&applied.name).await;
             bail!("{}", failure(&applied.name, &format!("not done within {}s", within.as_secs()), &list, &want));
         }

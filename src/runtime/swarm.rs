@@ -111,6 +111,8 @@ pub enum Rollout {
     Pending,
     Updating,
     Completed,
+    /// Swarm is rolling it back: the message says why.
+    RollingBack(String),
     /// Swarm rolled it back (or paused it): the message says why.
     Failed(String),
 }
@@ -248,9 +250,9 @@ pub async fn rollout(applied: &Applied) -> Result<Rollout> {
     Ok(match status.state {
         Some(ServiceUpdateStatusStateEnum::UPDATING) => Rollout::Updating,
         Some(ServiceUpdateStatusStateEnum::COMPLETED) => Rollout::Completed,
+        Some(ServiceUpdateStatusStateEnum::ROLLBACK_STARTED) => Rollout::RollingBack(why),
         Some(
             ServiceUpdateStatusStateEnum::PAUSED
-            | ServiceUpdateStatusStateEnum::ROLLBACK_STARTED
             | ServiceUpdateStatusStateEnum::ROLLBACK_PAUSED
             | ServiceUpdateStatusStateEnum::ROLLBACK_COMPLETED,
         ) => Rollout::Failed(why),
