@@ -112,6 +112,8 @@ fn router(p: Shared, transport: Transport) -> Router {
         .route("/api/apps/{app}/deploy", post(deploy))
         .route("/api/apps/{app}/ps", get(ps))
         .route("/api/apps/{app}/scale", post(scale))
+        .route("/api/apps/{app}/scheduler", post(set_scheduler))
+        .route("/api/nodes", get(nodes))
         .route("/api/apps/{app}/restart", post(restart))
         .route("/api/apps/{app}/start", post(restart))
         .route("/api/apps/{app}/stop", post(stop))
@@ -437,6 +439,7 @@ async fn app_info(State(p): State<Shared>, auth: Auth, Path(name): Path<String>)
         "release": live.as_ref().map(|r| format!("v{}", r.version)),
         "commit": live.as_ref().map(|r| r.commit.clone()),
         "processes": p.supervisor.instances(app.as_str()).len(),
+        "scheduler": p.store.call({ let a = app.clone(); move |s| s.scheduler(&a) }).await?.as_str(),
         "domains": domains,
         "config_keys": config.keys().collect::<Vec<_>>(),
         // Containers (docker track): what the app's images take; null for host apps.
@@ -629,6 +632,26 @@ fn is_commit_id(s: &str) -> bool {
 
 async fn ps(State(p): State<Shared>, auth: Auth, Path(name): Path<String>) -> ApiResult {
     let app = auth.app(&p, &name).await?;
+    if p.on_swarm(&app).await {
+        // swarm track: tasks, on their nodes.
+        let out: Vec<Value> = release::swarm::app_tasks(&p, &app)
+            .await?
+            .into_iter()
+            .map(|t| {
+                json!({
+                    "type": t.ptype,
+                    "instance": t.slot,
+                    "release": t.release,
+                    "node": t.node,
+                    "state": if t.wanted { t.state } else { format!("{} (stopping)", t.state) },
+                    "task": t.id.get(..12).unwrap_or(&t.id),
+                    "port": t.addr.map(|a| a.port()),
+                    "last_exit": t.error,
+                })
+            })
+            .collect();
+        return Ok(Json(out).into_response());
+    }
     let out: Vec<Value> = p
         .supervisor
         .instances(app.as_str())
@@ -669,6 +692,47 @@ async fn scale(State(p): State<Shared>, auth: Auth, Path(name): Path<String>, bo
         release::scale(&p, &app, &actor, counts, &progress).await?;
         Ok(json!({}))
     }))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SchedulerReq {
+    scheduler: String,
+}
+
+/// swarm track: move the app onto the swarm or back (a long operation).
+async fn set_scheduler(State(p): State<Shared>, auth: Auth, Path(name): Path<String>, body: Bytes) -> ApiResult {
+    auth.admin()?;
+    let app = auth.app(&p, &name).await?;
+    let req: SchedulerReq = parse_body(&body)?;
+    let to = crate::store::Scheduler::parse(&req.scheduler)
+        .ok_or_else(|| ApiError::bad(format!("unknown scheduler {:?}: use local or swarm", req.scheduler)))?;
+    let actor = auth.actor();
+    Ok(operation(p.logs.app(&app), move |progress| async move {
+        release::swarm::set_scheduler(&p, &app, &actor, to, &progress).await?;
+        Ok(json!({ "scheduler": to.as_str() }))
+    }))
+}
+
+/// swarm track: the swarm's nodes and this daemon's tasks on each.
+async fn nodes(State(p): State<Shared>, auth: Auth) -> ApiResult {
+    auth.admin()?;
+    let out: Vec<Value> = release::swarm::nodes(&p)
+        .await?
+        .into_iter()
+        .map(|(n, tasks)| {
+            json!({
+                "node": n.hostname,
+                "id": n.id.get(..12).unwrap_or(&n.id),
+                "role": n.role,
+                "state": n.state,
+                "availability": n.availability,
+                "addr": n.addr,
+                "tasks": tasks,
+            })
+        })
+        .collect();
+    Ok(Json(out).into_response())
 }
 
 #[derive(Deserialize, Default)]

@@ -34,5 +34,6 @@ pub mod store;
 pub mod supervisor;
 pub mod systemd;
 pub mod tally;
+pub mod task_routes;
 pub mod tls;
 pub mod upgrade;

@@ -62,6 +62,8 @@ pub struct Platform {
     revocations: tokio::sync::watch::Sender<u64>,
     /// Images of the releases that run in containers (docker track).
     pub images: crate::runtime::container::AppImages,
+    /// swarm track: the proxy routes of apps on the swarm, following their tasks.
+    pub task_routes: crate::task_routes::TaskRoutes,
 }
 
 /// Who is pushing to which app, registered for the duration of one push.
@@ -120,6 +122,7 @@ impl Platform {
             restarting: std::sync::atomic::AtomicBool::new(false),
             revocations: tokio::sync::watch::channel(0).0,
             images: Default::default(),
+            task_routes: Default::default(),
         }
     }
 
@@ -239,9 +242,14 @@ impl Platform {
     /// phases and whatever detached from its supervisor (setsid). Only
     /// with isolation, where the uid is the app's alone.
     /// Then its cgroups, now empty, are removed.
+    /// An app on the swarm keeps its tasks: they run as its uid too, but
+    /// they are the engine's to stop.
     pub async fn kill_app_processes(&self, app: &AppName) {
         if let Some(user) = self.user_of(app) {
-            crate::runtime::kill_user(user).await;
+            match self.on_swarm(app).await {
+                true => crate::runtime::kill_user_on_host(user).await,
+                false => crate::runtime::kill_user(user).await,
+            }
         }
         crate::runtime::cgroup::remove_app(app.as_str()).await;
     }
@@ -249,11 +257,20 @@ impl Platform {
     /// upgrade track: the same, sparing the process groups in `keep`
     /// (instances to adopt).
     pub async fn kill_app_processes_except(&self, app: &AppName, keep: &[i32]) {
+        let on_swarm = self.on_swarm(app).await;
         match self.user_of(app) {
+            Some(user) if on_swarm => crate::runtime::kill_user_on_host(user).await,
             Some(user) if keep.is_empty() => crate::runtime::kill_user(user).await,
             Some(user) => crate::runtime::kill_user_except(user, keep).await,
             None => {}
         }
+    }
+
+    /// swarm track: does the app run on the swarm? (An unreadable store
+    /// says yes: sparing its tasks is the safe mistake.)
+    pub async fn on_swarm(&self, app: &AppName) -> bool {
+        let a = app.clone();
+        self.store.call(move |s| s.scheduler(&a)).await.map(|s| s == crate::store::Scheduler::Swarm).unwrap_or(true)
     }
 
     /// Look up (allocating on first use) the app's user.

@@ -34,6 +34,9 @@ use crate::platform::Platform;
 use crate::store::{Release, ReleaseStatus, Switch, SwitchKind};
 use crate::supervisor::{Instance, InstanceSpec, State};
 
+// swarm track (issue 12): activation on the swarm, moving apps there and back.
+pub mod swarm;
+
 const STEP_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 pub const MAX_SCALE: u32 = 50;
@@ -771,6 +774,7 @@ pub async fn restart(p: &Platform, app: &AppName, actor: &Actor, ptype: Option<&
     let _guard = acquire(p, app, progress).await;
     let live = live_release(p, app).await?.ok_or_else(|| anyhow!("{app} has no live release"))?;
     let r = match ptype {
+        _ if p.on_swarm(app).await => swarm::restart(p, app, &live, ptype, progress).await,
         None => {
             progress.step(&format!("restarting v{}", live.version));
             relaunch(p, app, live.version, progress).await
@@ -817,6 +821,9 @@ pub async fn stop(p: &Platform, app: &AppName, actor: &Actor) -> Result<()> {
     let _guard = p.app_lock(app).lock_owned().await;
     let a = app.clone();
     p.store.call(move |s| s.set_stopped(&a, true)).await?;
+    if p.on_swarm(app).await {
+        swarm::stop(p, app).await?;
+    }
     p.proxy.set_upstreams(app.as_str(), Vec::new());
     stop_all(p.supervisor.take_all(app.as_str())).await;
     // process track: and whatever escaped its process group (setsid).
@@ -845,6 +852,17 @@ pub async fn scale(p: &Platform, app: &AppName, actor: &Actor, counts: BTreeMap<
     let mut wanted = p.store.call(move |s| s.scale(&a)).await?;
     wanted.extend(counts.iter().map(|(t, n)| (t.clone(), *n)));
     check_instance_total(&manifest, &wanted)?;
+    if p.on_swarm(app).await {
+        // The services take the new counts (replicas change: no rolling).
+        for (ptype, &want) in &counts {
+            let (app2, t2) = (app.clone(), ptype.clone());
+            p.store.call(move |s| s.set_scale(&app2, &t2, want)).await?;
+        }
+        let r = relaunch(p, app, live.version, progress).await;
+        let what = counts.iter().map(|(t, n)| format!("{t}={n}")).collect::<Vec<_>>().join(" ");
+        p.event(Some(app), actor, "scale", &what, outcome(&r)).await;
+        return r;
+    }
     let env = release_env(p, app, &live);
     for (ptype, &want) in &counts {
         let spec = manifest.process(ptype).context("checked above")?;
@@ -1177,6 +1195,9 @@ async fn adopt(p: &Platform, app: &AppName, version: u32, leftovers: &[crate::su
 /// Stop everything of an app and remove its repo, releases, data and logs.
 pub async fn destroy(p: &Platform, app: &AppName, actor: &Actor) -> Result<()> {
     let _guard = p.app_lock(app).lock_owned().await;
+    if p.on_swarm(app).await {
+        swarm::stop(p, app).await?;
+    }
     p.proxy.remove_app(app.as_str());
     if let Some(certs) = p.certs.get() {
         certs.remove_app(app.as_str());
@@ -1265,6 +1286,9 @@ async fn activate(
     env: Option<&Environment>,
     progress: &Progress,
 ) -> Result<()> {
+    if p.on_swarm(app).await {
+        return swarm::activate(p, app, release, manifest, env, progress).await;
+    }
     let scale = p.store.call({
         let app = app.clone();
         move |s| s.scale(&app)

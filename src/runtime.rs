@@ -24,6 +24,8 @@ pub mod cgroup;
 pub mod container;
 // people track: interactive one-offs (`run -t`) need a terminal.
 pub mod pty;
+// swarm track (issue 12): processes as tasks of swarm services.
+pub mod swarm;
 pub mod uids;
 
 /// A command line to run for an app, with exactly this environment.
@@ -273,6 +275,21 @@ pub fn reopen_output(pid: i32, stream: i32) -> Option<tokio::net::unix::pipe::Re
 /// found in /proc, until none is left. Slower than `kill_user` against a
 /// forking loop, so it is used only when something is to be kept.
 pub async fn kill_user_except(user: AppUser, keep: &[i32]) {
+    kill_user_sparing(user, |pid| process_group(pid).is_some_and(|g| keep.contains(&g))).await
+}
+
+/// swarm track: [`kill_user`] but for processes in other pid namespaces
+/// than the daemon's: containers, which their engine stops (an app on the
+/// swarm runs its tasks as its own uid, and the daemon's start or stop
+/// must not kill them; local containers have their shims).
+pub async fn kill_user_on_host(user: AppUser) {
+    let own = std::fs::read_link("/proc/self/ns/pid").ok();
+    kill_user_sparing(user, |pid| std::fs::read_link(format!("/proc/{pid}/ns/pid")).ok() != own).await
+}
+
+/// Kill every process of `user` that `spare` does not name, found in
+/// /proc, until none is left.
+async fn kill_user_sparing(user: AppUser, spare: impl Fn(i32) -> bool) {
     if user.uid == 0 {
         return;
     }
@@ -286,8 +303,7 @@ pub async fn kill_user_except(user: AppUser, keep: &[i32]) {
             if uid != Some(user.uid) || status.lines().any(|l| l.starts_with("State:") && l.contains('Z')) {
                 continue;
             }
-            let pgrp = process_group(pid);
-            if pgrp.is_some_and(|g| keep.contains(&g)) {
+            if spare(pid) {
                 continue;
             }
             found = true;

@@ -26,6 +26,33 @@ pub struct App {
     pub created_at: String,
 }
 
+/// Where an app's processes run (swarm track, issue 12).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scheduler {
+    /// This host: the supervisor's processes and containers.
+    Local,
+    /// Services of the swarm the engine belongs to.
+    Swarm,
+}
+
+impl Scheduler {
+    pub fn parse(s: &str) -> Option<Scheduler> {
+        match s {
+            "local" => Some(Scheduler::Local),
+            "swarm" => Some(Scheduler::Swarm),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scheduler::Local => "local",
+            Scheduler::Swarm => "swarm",
+        }
+    }
+}
+
 /// A switch recorded before it happens, until the repo agrees with it
 /// (integrity track, issue 10 #12).
 #[derive(Debug, Clone)]
@@ -183,7 +210,11 @@ pub struct Event {
 /// Migration 1 is the schema of slipway before versioning; its
 /// `IF NOT EXISTS` lets an unversioned database (user_version 0 with the
 /// tables present) take it as a no-op.
-const MIGRATIONS: &[&str] = &[SCHEMA_V1, PROMOTION_SOURCES, WEBHOOK_SECRETS, HISTORY_COLLECTED, INTEGRITY_SWITCHES];
+const MIGRATIONS: &[&str] = &[SCHEMA_V1, PROMOTION_SOURCES, WEBHOOK_SECRETS, HISTORY_COLLECTED, INTEGRITY_SWITCHES, SCHEDULERS];
+
+// swarm track (issue 12): where an app's processes run: `local` (this
+// host's supervisor) or `swarm` (services of the engine's swarm).
+const SCHEDULERS: &str = "ALTER TABLE apps ADD COLUMN scheduler TEXT NOT NULL DEFAULT 'local';";
 
 // history track: a collected release keeps its record (issue 15 #4).
 const HISTORY_COLLECTED: &str = "ALTER TABLE releases ADD COLUMN collected INTEGER NOT NULL DEFAULT 0;";
@@ -507,6 +538,23 @@ impl Store {
                 )?;
             }
             tx.commit()
+        })
+    }
+
+    // ---- scheduler (swarm track) ----
+
+    /// Where the app's processes run; `Local` for an unknown app.
+    pub fn scheduler(&self, app: &AppName) -> Result<Scheduler> {
+        let s: Option<String> = self.with(|c| {
+            c.query_row("SELECT scheduler FROM apps WHERE name = ?1", params![app.as_str()], |r| r.get(0)).optional()
+        })?;
+        Ok(Scheduler::parse(s.as_deref().unwrap_or("local")).unwrap_or(Scheduler::Local))
+    }
+
+    pub fn set_scheduler(&self, app: &AppName, scheduler: Scheduler) -> Result<()> {
+        self.with(|c| {
+            c.execute("UPDATE apps SET scheduler = ?2 WHERE name = ?1", params![app.as_str(), scheduler.as_str()])?;
+            Ok(())
         })
     }
 

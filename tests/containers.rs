@@ -14,30 +14,6 @@ use bollard::query_parameters::ListContainersOptionsBuilder;
 use slipway::container::{server_id, Engine, LABEL_APP, LABEL_SERVER, LABEL_TYPE};
 use util::*;
 
-fn slow_tests_enabled(name: &str) -> bool {
-    let on = std::env::var("SLIPWAY_SLOW_TESTS").is_ok_and(|v| v == "1");
-    if !on {
-        eprintln!("skipping {name}: set SLIPWAY_SLOW_TESTS=1 to run it");
-    }
-    on
-}
-
-/// The base image, imported once (cached by tag: later calls return at
-/// once).
-fn ensure_base() {
-    let out = std::process::Command::new(BIN).args(["images", "import-base"]).output().expect("run import-base");
-    assert!(
-        out.status.success(),
-        "import-base failed:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn block_on<T>(f: impl std::future::Future<Output = T>) -> T {
-    tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime").block_on(f)
-}
-
 /// The containers this test's daemon has in the engine.
 fn containers_of(server: &ContainerServer) -> Vec<String> {
     let label = format!("{LABEL_SERVER}={}", server_id(&server.data()));
@@ -58,71 +34,6 @@ fn web_containers(server: &ContainerServer, app: &str) -> Vec<ContainerSummary> 
 fn image_ids_of(server: &ContainerServer) -> BTreeSet<String> {
     let label = format!("{LABEL_SERVER}={}", server_id(&server.data()));
     block_on(async { Engine::connect().await.expect("engine").images(&label).await.expect("list") }).into_iter().map(|i| i.id).collect()
-}
-
-/// A daemon whose containers and app images are removed (by label)
-/// when the test ends, whatever happened: the daemon stops first, then
-/// whatever is left goes.
-struct ContainerServer {
-    server: TestServer,
-    apps: Vec<&'static str>,
-}
-
-impl ContainerServer {
-    fn start(apps: &[&'static str]) -> ContainerServer {
-        ContainerServer::start_with(apps, &[])
-    }
-
-    fn start_with(apps: &[&'static str], flags: &[&str]) -> ContainerServer {
-        ContainerServer::start_with_env(apps, flags, &[])
-    }
-
-    fn start_with_env(apps: &[&'static str], flags: &[&str], envs: &[(&str, &str)]) -> ContainerServer {
-        ContainerServer { server: TestServer::start_with_env(flags, envs), apps: apps.to_vec() }
-    }
-}
-
-impl std::ops::Deref for ContainerServer {
-    type Target = TestServer;
-    fn deref(&self) -> &TestServer {
-        &self.server
-    }
-}
-
-impl std::ops::DerefMut for ContainerServer {
-    fn deref_mut(&mut self) -> &mut TestServer {
-        &mut self.server
-    }
-}
-
-impl Drop for ContainerServer {
-    fn drop(&mut self) {
-        self.server.stop();
-        let id = server_id(&self.server.data());
-        let label = format!("{LABEL_SERVER}={id}");
-        let apps = self.apps.clone();
-        block_on(async move {
-            let Ok(engine) = Engine::connect().await else { return };
-            let _ = engine.remove_containers(std::slice::from_ref(&label)).await;
-            let _ = engine.remove_networks(std::slice::from_ref(&label)).await;
-            for app in apps {
-                for img in engine.images(&format!("{LABEL_APP}={app}")).await.unwrap_or_default() {
-                    if img.labels.get(LABEL_SERVER) == Some(&id) {
-                        for t in img.tags {
-                            let _ = engine.remove_image(&t).await;
-                        }
-                    }
-                }
-            }
-            // Test base images (`test_base`), after the app images built on them.
-            let _ = engine.remove_image(&test_base_tag(&id)).await;
-            for img in engine.images(&label).await.unwrap_or_default() {
-                for t in if img.tags.is_empty() { vec![img.id] } else { img.tags } {
-                    let _ = engine.remove_image(&t).await;
-                }
-            }
-        });
-    }
 }
 
 /// A WSGI app that says what it sees: whether it is in a container, its
@@ -436,10 +347,6 @@ fn an_apps_container_cannot_reach_another_apps_container_past_the_proxy() {
 
 /// This test daemon's own name for the base image, so that a test can
 /// move it (`move_test_base`) without touching anyone else's builds.
-fn test_base_tag(server_id: &str) -> String {
-    format!("slipway-test/base:{server_id}")
-}
-
 /// Tag the imported base as this daemon's test base; returns its name.
 fn test_base(server: &ContainerServer) -> String {
     let tag = test_base_tag(&server_id(&server.data()));

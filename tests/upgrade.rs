@@ -4,7 +4,7 @@
 
 mod util;
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -35,52 +35,6 @@ fn chatty(text: &str) -> AppRepo {
     );
     repo.commit("chatty");
     repo
-}
-
-/// Keep-alive clients (one connection each, reopened only when the server
-/// closes it after a response) that keep sending requests to `apps` until
-/// stopped: (requests, failures, first failure). A request on a connection
-/// closed before its response counts as failed: no retry hides a drop.
-struct Load {
-    stop: Arc<AtomicBool>,
-    ok: Arc<AtomicUsize>,
-    failed: Arc<AtomicUsize>,
-    threads: Vec<std::thread::JoinHandle<Option<String>>>,
-}
-
-impl Load {
-    fn start(server: &TestServer, apps: &[&str], clients: usize) -> Load {
-        let stop = Arc::new(AtomicBool::new(false));
-        let ok = Arc::new(AtomicUsize::new(0));
-        let failed = Arc::new(AtomicUsize::new(0));
-        let mut threads = Vec::new();
-        for c in 0..clients {
-            let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
-            let http = server.http.clone();
-            let app = apps[c % apps.len()].to_string();
-            threads.push(std::thread::spawn(move || {
-                let mut first = None;
-                let mut client = KeepAlive::new(&http);
-                while !stop.load(Ordering::Relaxed) {
-                    let (code, body) = client.get(&format!("{app}.localhost"), "/load");
-                    if code == 200 {
-                        ok.fetch_add(1, Ordering::Relaxed);
-                    } else {
-                        failed.fetch_add(1, Ordering::Relaxed);
-                        first.get_or_insert(format!("{app}: {code} {body}"));
-                    }
-                }
-                first
-            }));
-        }
-        Load { stop, ok, failed, threads }
-    }
-
-    fn finish(self) -> (usize, usize, Vec<String>) {
-        self.stop.store(true, Ordering::Relaxed);
-        let firsts = self.threads.into_iter().filter_map(|t| t.join().ok().flatten()).collect();
-        (self.ok.load(Ordering::Relaxed), self.failed.load(Ordering::Relaxed), firsts)
-    }
 }
 
 #[test]

@@ -10,7 +10,7 @@ use hyper::Method;
 use serde_json::{json, Value};
 
 use super::context::{self, ClientConfig, ServerContext};
-use super::{out, AppsCmd, CertsCmd, Cli, Command, ConfigCmd, DomainsCmd, KeysCmd, RemoteCmd, TokensCmd, WebhookCmd};
+use super::{out, AppsCmd, CertsCmd, Cli, Command, ConfigCmd, DomainsCmd, KeysCmd, RemoteCmd, SchedulerCmd, TokensCmd, WebhookCmd};
 use crate::client::Endpoint;
 
 /// Run a client subcommand; returns the process exit code.
@@ -179,11 +179,14 @@ pub async fn dispatch(cli: Cli) -> Result<i32> {
             Some("scale") if args.len() >= 3 => scale(&api, &args[1], &args[2..]).await?,
             Some(app) if args.len() == 1 => {
                 let v = api.json(Method::GET, &format!("/api/apps/{}/ps", seg(app)), None).await?;
-                table(
-                    &v,
-                    json,
-                    &[("type", "TYPE"), ("instance", "N"), ("release", "RELEASE"), ("pid", "PID"), ("state", "STATE"), ("uptime_secs", "UPTIME"), ("restarts", "RESTARTS"), ("last_exit", "LAST EXIT")],
-                );
+                // swarm track: tasks say their node instead of a pid.
+                let on_swarm = v.as_array().into_iter().flatten().any(|r| r.get("node").is_some());
+                let cols: &[(&str, &str)] = if on_swarm {
+                    &[("type", "TYPE"), ("instance", "N"), ("release", "RELEASE"), ("node", "NODE"), ("state", "STATE"), ("task", "TASK"), ("last_exit", "LAST ERROR")]
+                } else {
+                    &[("type", "TYPE"), ("instance", "N"), ("release", "RELEASE"), ("pid", "PID"), ("state", "STATE"), ("uptime_secs", "UPTIME"), ("restarts", "RESTARTS"), ("last_exit", "LAST EXIT")]
+                };
+                table(&v, json, cols);
                 if !json {
                     for row in v.as_array().into_iter().flatten().filter(|r| r["state"] == "crashed") {
                         out(&format!("\n{}.{} crashed; its last output:", s(&row["type"]), s(&row["instance"])));
@@ -196,6 +199,14 @@ pub async fn dispatch(cli: Cli) -> Result<i32> {
             _ => bail!("usage: slipway ps APP | slipway ps scale APP TYPE=N..."),
         },
         Command::Scale { app, counts } => scale(&api, &app, &counts).await?,
+        Command::Scheduler(SchedulerCmd::Set { app, scheduler }) => {
+            let body = json!({ "scheduler": scheduler });
+            api.operation(Method::POST, &format!("/api/apps/{}/scheduler", seg(&app)), Some(&body), progress).await?;
+        }
+        Command::Nodes { json } => {
+            let v = api.json(Method::GET, "/api/nodes", None).await?;
+            table(&v, json, &[("node", "NODE"), ("role", "ROLE"), ("state", "STATE"), ("availability", "AVAILABILITY"), ("addr", "ADDRESS"), ("tasks", "SLIPWAY TASKS")]);
+        }
         Command::Restart { app, ptype } => {
             let body = json!({ "type": ptype });
             api.operation(Method::POST, &format!("/api/apps/{}/restart", seg(&app)), Some(&body), progress).await?;

@@ -260,6 +260,15 @@ pub enum Command {
         #[arg(long, value_name = "DIR")]
         data: PathBuf,
     },
+    /// Where an app's processes run: this server, or the swarm its engine manages
+    #[command(subcommand)]
+    Scheduler(SchedulerCmd),
+    /// The swarm's nodes, their state and which of slipway's tasks run on each
+    Nodes {
+        /// Print JSON instead of a table
+        #[arg(long)]
+        json: bool,
+    },
     /// Container images on this server (runs here, talks to the engine)
     #[command(subcommand)]
     Images(images::ImagesCmd),
@@ -341,6 +350,18 @@ pub enum Isolation {
     On,
     /// Apps run as the daemon's user
     Off,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum SchedulerCmd {
+    /// Move a running app onto the swarm (`swarm`) or back (`local`), with no failed request
+    Set {
+        /// The app to move
+        app: String,
+        /// Where it runs from now on
+        #[arg(value_parser = ["local", "swarm"])]
+        scheduler: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]

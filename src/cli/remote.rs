@@ -23,6 +23,7 @@ fn app_command(args: &[String]) -> Option<usize> {
         "config" if matches!(word(2), "show" | "get" | "set" | "unset") => Some(2),
         "webhook" if matches!(word(2), "set" | "show" | "unset" | "test") => Some(2),
         "domains" if matches!(word(2), "add" | "remove" | "list") => Some(2),
+        "scheduler" if word(2) == "set" => Some(2),
         _ => None,
     }
 }
@@ -77,7 +78,12 @@ pub fn fill_in_app(mut args: Vec<String>) -> Result<Vec<String>> {
     let omitted = match positionals.first() {
         None => true,
         // KEY=VALUE, TYPE=N, an upper-case KEY: never an app's name.
-        Some(first) => AppName::parse(first).is_err() || (args[1] == "rollback" && positionals.len() == 1 && is_version(first)),
+        Some(first) => {
+            AppName::parse(first).is_err()
+                || (args[1] == "rollback" && positionals.len() == 1 && is_version(first))
+                // `scheduler set swarm`: a scheduler, not an app.
+                || (args[1] == "scheduler" && positionals.len() == 1)
+        }
     };
     // A command run for an SSH client names its app: the daemon's own
     // working directory is no checkout of the client's.

@@ -169,10 +169,11 @@ impl Engine {
         self.docker.tag_image(source, Some(opts)).await.with_context(|| format!("tagging image {source} as {repo}:{tag}"))
     }
 
-    /// Create the bridge network `name` with `labels` unless it exists. The
+    /// Create the network `name` (`driver`: `bridge` for local containers,
+    /// `overlay` for swarm services) with `labels` unless it exists. The
     /// engine allows two networks of one name (API 1.41 does not check), so
     /// callers serialise this per name (the app's lock).
-    pub async fn ensure_network(&self, name: &str, labels: &HashMap<String, String>) -> Result<()> {
+    pub async fn ensure_network(&self, name: &str, driver: &str, labels: &HashMap<String, String>) -> Result<()> {
         match self.docker.inspect_network(name, None::<bollard::query_parameters::InspectNetworkOptions>).await {
             Ok(_) => return Ok(()),
             Err(bollard::errors::Error::DockerResponseServerError { status_code: 404, .. }) => {}
@@ -180,7 +181,7 @@ impl Engine {
         }
         let request = NetworkCreateRequest {
             name: name.to_string(),
-            driver: Some("bridge".into()),
+            driver: Some(driver.into()),
             labels: Some(labels.clone()),
             ..Default::default()
         };

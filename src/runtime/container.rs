@@ -62,6 +62,10 @@ pub const MIN_FREE_DISK: u64 = 1 << 30;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ContainerPlacement {
     pub image: String,
+    /// The image's id: swarm services name it so (swarm track), which
+    /// needs no registry and never changes under them.
+    #[serde(default)]
+    pub image_id: String,
     pub labels: BTreeMap<String, String>,
     /// Host directories visible read-only, at the same path inside.
     pub read_only: Vec<PathBuf>,
@@ -222,6 +226,7 @@ fn base_placement(image: &AppImage, release: u32, kind: &str) -> ContainerPlacem
     ]);
     ContainerPlacement {
         image: image.tag.clone(),
+        image_id: image.id.clone(),
         labels,
         read_only: vec![image.app_dir.clone()],
         writable: vec![image.data_dir.clone()],
@@ -248,7 +253,7 @@ async fn ensure_app_network(engine: &Engine, layout: &Layout, app: &AppName) -> 
     let server = engine::server_id(layout.root());
     let name = network_name(&server, app.as_str());
     let labels = HashMap::from([(engine::LABEL_APP.to_string(), app.to_string()), (engine::LABEL_SERVER.to_string(), server)]);
-    engine.ensure_network(&name, &labels).await?;
+    engine.ensure_network(&name, "bridge", &labels).await?;
     Ok(name)
 }
 
@@ -574,29 +579,11 @@ pub async fn shim_main() -> Result<i32> {
     let docker = engine.docker().clone().with_timeout(Duration::from_secs(10 * 365 * 24 * 3600));
     let p = &spec.placement;
 
-    // The image's PATH and VIRTUAL_ENV hold its interpreter; the host's do
-    // not exist inside.
-    let mut env: Vec<String> = spec
-        .env
-        .iter()
-        .filter(|(k, _)| k != "PATH" && k != "VIRTUAL_ENV")
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect();
-    let mut binds: Vec<String> = Vec::new();
-    for d in &p.read_only {
-        binds.push(format!("{}:{}:ro", d.display(), d.display()));
-    }
-    for d in &p.writable {
-        binds.push(format!("{}:{}:rw", d.display(), d.display()));
-    }
-    if let Some(ca) = &p.ca_bundle {
-        binds.push(format!("{}:{CA_INSIDE}:ro", ca.display()));
-        env.push(format!("SSL_CERT_FILE={CA_INSIDE}"));
-        env.push(format!("PIP_CERT={CA_INSIDE}"));
-        env.push(format!("REQUESTS_CA_BUNDLE={CA_INSIDE}"));
-    }
+    let env = container_env(&spec.env, p);
+    let binds: Vec<String> =
+        binds(p).iter().map(|b| format!("{}:{}:{}", b.source.display(), b.target.display(), if b.read_only { "ro" } else { "rw" })).collect();
     let mut tmpfs = HashMap::from([("/tmp".to_string(), "rw,nosuid,nodev,size=256m".to_string())]);
-    for m in p.masked.iter().filter(|m| m.is_dir()) {
+    for m in masked(p) {
         tmpfs.insert(m.display().to_string(), "ro,size=4k".to_string());
     }
     let port: Option<u16> = spec.env.iter().find(|(k, _)| k == "PORT").and_then(|(_, v)| v.parse().ok());
@@ -754,11 +741,48 @@ async fn run_attached(docker: &bollard::Docker, id: &str, p: &ContainerPlacement
     Ok(code.clamp(0, 255) as i32)
 }
 
+/// The environment a container of `p` gets from its process's `env`: the
+/// image's PATH and VIRTUAL_ENV hold its interpreter (the host's do not
+/// exist inside), and the CA bundle is named where it is mounted.
+pub(super) fn container_env(env: &[(String, String)], p: &ContainerPlacement) -> Vec<String> {
+    let mut out: Vec<String> = env.iter().filter(|(k, _)| k != "PATH" && k != "VIRTUAL_ENV").map(|(k, v)| format!("{k}={v}")).collect();
+    if p.ca_bundle.is_some() {
+        for var in ["SSL_CERT_FILE", "PIP_CERT", "REQUESTS_CA_BUNDLE"] {
+            out.push(format!("{var}={CA_INSIDE}"));
+        }
+    }
+    out
+}
+
+/// A host path bound into a container.
+pub(super) struct Bind {
+    pub source: PathBuf,
+    pub target: PathBuf,
+    pub read_only: bool,
+}
+
+/// What of the host a container of `p` sees: the app's dirs at their own
+/// paths (the release tree read-only, the data dir writable) and the CA
+/// bundle.
+pub(super) fn binds(p: &ContainerPlacement) -> Vec<Bind> {
+    let same = |d: &PathBuf, read_only| Bind { source: d.clone(), target: d.clone(), read_only };
+    let mut out: Vec<Bind> = p.read_only.iter().map(|d| same(d, true)).chain(p.writable.iter().map(|d| same(d, false))).collect();
+    if let Some(ca) = &p.ca_bundle {
+        out.push(Bind { source: ca.clone(), target: PathBuf::from(CA_INSIDE), read_only: true });
+    }
+    out
+}
+
+/// The paths hidden under an empty read-only tmpfs (those that exist).
+pub(super) fn masked(p: &ContainerPlacement) -> impl Iterator<Item = &PathBuf> {
+    p.masked.iter().filter(|m| m.is_dir())
+}
+
 /// `exec CMD` for a simple command: the container's init forwards signals
 /// to its one child only, so the app server must be that child, not a
 /// shell around it (a shell dies of the HUP meant as a reload). Compound
 /// commands stay as they are.
-fn exec_simple(command: &str) -> String {
+pub(super) fn exec_simple(command: &str) -> String {
     let compound = command.contains([';', '&', '|', '(', ')', '`', '\n', '<', '>']) || command.trim_start().starts_with("exec ");
     if compound {
         command.to_string()

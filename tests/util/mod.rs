@@ -691,3 +691,183 @@ impl Drop for Nginx {
         let _ = self.child.wait();
     }
 }
+
+/// Slow tests (Docker, large real apps) run when SLIPWAY_SLOW_TESTS=1
+/// (CI sets it), and say so when skipped.
+pub fn slow_tests_enabled(name: &str) -> bool {
+    let on = std::env::var("SLIPWAY_SLOW_TESTS").is_ok_and(|v| v == "1");
+    if !on {
+        eprintln!("skipping {name}: set SLIPWAY_SLOW_TESTS=1 to run it");
+    }
+    on
+}
+
+/// The base image for container apps, imported once (cached by tag: later
+/// calls return at once).
+pub fn ensure_base() {
+    let out = Command::new(BIN).args(["images", "import-base"]).output().expect("run import-base");
+    assert!(
+        out.status.success(),
+        "import-base failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+pub fn block_on<T>(f: impl std::future::Future<Output = T>) -> T {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime").block_on(f)
+}
+
+/// Keep-alive clients (one connection each, reopened only when the server
+/// closes it after a response) that keep sending requests to `apps` until
+/// stopped: (requests, failures, first failure). A request on a connection
+/// closed before its response counts as failed: no retry hides a drop.
+pub struct Load {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    ok: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    failed: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    threads: Vec<std::thread::JoinHandle<Option<String>>>,
+}
+
+impl Load {
+    pub fn start(server: &TestServer, apps: &[&str], clients: usize) -> Load {
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+        use std::sync::Arc;
+        let stop = Arc::new(AtomicBool::new(false));
+        let ok = Arc::new(AtomicUsize::new(0));
+        let failed = Arc::new(AtomicUsize::new(0));
+        let mut threads = Vec::new();
+        for c in 0..clients {
+            let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+            let http = server.http.clone();
+            let app = apps[c % apps.len()].to_string();
+            threads.push(std::thread::spawn(move || {
+                let mut first = None;
+                let mut client = KeepAlive::new(&http);
+                while !stop.load(Ordering::Relaxed) {
+                    let (code, body) = client.get(&format!("{app}.localhost"), "/load");
+                    if code == 200 {
+                        ok.fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        failed.fetch_add(1, Ordering::Relaxed);
+                        first.get_or_insert(format!("{app}: {code} {body}"));
+                    }
+                }
+                first
+            }));
+        }
+        Load { stop, ok, failed, threads }
+    }
+
+    /// Requests so far: (answered 200, failed).
+    pub fn counts(&self) -> (usize, usize) {
+        use std::sync::atomic::Ordering;
+        (self.ok.load(Ordering::Relaxed), self.failed.load(Ordering::Relaxed))
+    }
+
+    pub fn finish(self) -> (usize, usize, Vec<String>) {
+        use std::sync::atomic::Ordering;
+        self.stop.store(true, Ordering::Relaxed);
+        let firsts = self.threads.into_iter().filter_map(|t| t.join().ok().flatten()).collect();
+        (self.ok.load(Ordering::Relaxed), self.failed.load(Ordering::Relaxed), firsts)
+    }
+}
+
+/// The tag a test gives the imported base for the daemon `server_id`
+/// (tests/containers.rs `test_base`), removed with its daemon's images.
+pub fn test_base_tag(server_id: &str) -> String {
+    format!("slipway-test/base:{server_id}")
+}
+
+/// A daemon whose containers and app images are removed (by label)
+/// when the test ends, whatever happened: the daemon stops first, then
+/// whatever is left goes.
+pub struct ContainerServer {
+    pub server: TestServer,
+    pub apps: Vec<&'static str>,
+}
+
+impl ContainerServer {
+    pub fn start(apps: &[&'static str]) -> ContainerServer {
+        ContainerServer::start_with(apps, &[])
+    }
+
+    pub fn start_with(apps: &[&'static str], flags: &[&str]) -> ContainerServer {
+        ContainerServer::start_with_env(apps, flags, &[])
+    }
+
+    pub fn start_with_env(apps: &[&'static str], flags: &[&str], envs: &[(&str, &str)]) -> ContainerServer {
+        ContainerServer { server: TestServer::start_with_env(flags, envs), apps: apps.to_vec() }
+    }
+}
+
+impl std::ops::Deref for ContainerServer {
+    type Target = TestServer;
+    fn deref(&self) -> &TestServer {
+        &self.server
+    }
+}
+
+impl std::ops::DerefMut for ContainerServer {
+    fn deref_mut(&mut self) -> &mut TestServer {
+        &mut self.server
+    }
+}
+
+impl Drop for ContainerServer {
+    fn drop(&mut self) {
+        self.server.stop();
+        let id = slipway::container::server_id(&self.server.data());
+        let label = format!("{}={id}", slipway::container::LABEL_SERVER);
+        let apps = self.apps.clone();
+        block_on(async move {
+            let Ok(engine) = slipway::container::Engine::connect().await else { return };
+            remove_services(&engine, &id).await;
+            let _ = engine.remove_containers(std::slice::from_ref(&label)).await;
+            let _ = engine.remove_networks(&[label]).await;
+            for app in apps {
+                for img in engine.images(&format!("{}={app}", slipway::container::LABEL_APP)).await.unwrap_or_default() {
+                    if img.labels.get(slipway::container::LABEL_SERVER) == Some(&id) {
+                        for t in img.tags {
+                            let _ = engine.remove_image(&t).await;
+                        }
+                    }
+                }
+            }
+            // Test base images (`test_base_tag`), after the app images built on them.
+            let _ = engine.remove_image(&test_base_tag(&id)).await;
+            for img in engine.images(&label).await.unwrap_or_default() {
+                for t in if img.tags.is_empty() { vec![img.id] } else { img.tags } {
+                    let _ = engine.remove_image(&t).await;
+                }
+            }
+        });
+    }
+}
+
+
+/// Remove the swarm services of the daemon `id` (swarm track), then wait
+/// until their task containers are gone (removing what is left), so their
+/// images can go too.
+async fn remove_services(engine: &slipway::container::Engine, id: &str) {
+    use slipway::container::LABEL_SERVER;
+    let filters = std::collections::HashMap::from([("label".to_string(), vec![format!("{LABEL_SERVER}={id}")])]);
+    let opts = bollard::query_parameters::ListServicesOptionsBuilder::default().filters(&filters).build();
+    // Task containers outlive their service for a moment (and a service
+    // removed by the daemon itself may still be taking them down).
+    let services = engine.docker().list_services(Some(opts)).await.unwrap_or_default();
+    for s in services {
+        if let Some(sid) = s.id {
+            let _ = engine.docker().delete_service(&sid).await;
+        }
+    }
+    let tasks = format!("{}={id}", slipway::runtime::swarm::LABEL_SWARM_SERVER);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        match engine.containers(std::slice::from_ref(&tasks)).await {
+            Ok(left) if !left.is_empty() => tokio::time::sleep(Duration::from_millis(250)).await,
+            _ => break,
+        }
+    }
+    let _ = engine.remove_containers(&[tasks]).await;
+}
