@@ -4,13 +4,6 @@
 use clap::Parser;
 use slipway::cli::{self, Cli, Command};
 
-/// mimalloc rather than glibc's malloc: the proxy allocates and frees a
-/// few small buffers per request (header maps, bodies, futures) on two
-/// worker threads, where glibc's malloc/free cost ~6.5% of its CPU under
-/// wrk (issue 13 #4); mimalloc's thread-local free lists make them cheap.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() {
     let args = cli::expand_colon_spelling(std::env::args().collect());
     if args.get(1).map(String::as_str) == Some("server") {
