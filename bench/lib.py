@@ -18,6 +18,7 @@ import argparse
 import http.client
 import json
 import os
+import re
 import signal
 import statistics
 import subprocess
@@ -245,6 +246,18 @@ class Server:
                 kill_recorded_groups(self.data)
         self._err.close()
         return self.proc.returncode
+
+
+def wrk_p99_ms(out):
+    """wrk's 99th percentile latency, in milliseconds. wrk prints it with
+    the unit it fits (`812.00us`, `4.31ms`, `1.20s`, `2.05m`, `1.00h`): an
+    overloaded run reaches seconds and minutes, which a parser of us/ms
+    alone failed on."""
+    m = re.search(r"^\s*99%\s+([\d.]+)(us|ms|s|m|h)\s*$", out, re.M)
+    if not m:
+        raise ValueError("no 99%% latency in wrk output:\n" + out)
+    scale = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0, "h": 3600000.0}[m.group(2)]
+    return float(m.group(1)) * scale
 
 
 def free_port():

@@ -81,10 +81,8 @@ def wrk(url, conns, duration):
         capture_output=True, text=True, check=True,
     ).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
-    p99 = re.search(r"99%\s+([\d.]+)(us|ms|s)", out)
-    scale = {"us": 0.001, "ms": 1.0, "s": 1000.0}[p99.group(2)]
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    return {"rps": rps, "p99_ms": float(p99.group(1)) * scale, "non2xx": int(errors.group(1)) if errors else 0}
+    return {"rps": rps, "p99_ms": lib.wrk_p99_ms(out), "non2xx": int(errors.group(1)) if errors else 0}
 
 
 def origin_port(data):

@@ -9,9 +9,9 @@
 
 pub mod access;
 mod body;
-mod connector;
 mod forwarded;
 pub mod owner;
+mod pool;
 mod statics;
 
 use std::collections::HashMap;
@@ -27,9 +27,8 @@ use bytes::Bytes;
 use http_body_util::{combinators::BoxBody, BodyExt, Empty, Full};
 use hyper::body::{Body, Incoming};
 use hyper::header::{HeaderName, HeaderValue, CONNECTION, HOST, UPGRADE};
-use hyper::http::uri::{Authority, PathAndQuery};
+use hyper::http::uri::PathAndQuery;
 use hyper::{Method, Request, Response, StatusCode, Version};
-use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use ipnet::IpNet;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -42,7 +41,6 @@ pub use forwarded::Scheme;
 pub use statics::Statics;
 
 type ProxyBody = BoxBody<Bytes, body::BoxError>;
-type UpstreamClient = Client<connector::OwnerChecked, ProxyBody>;
 
 /// Time a client has to send a request's headers, and the longest an idle
 /// keep-alive connection is kept (hyper starts the clock when it waits for
@@ -69,17 +67,19 @@ pub struct Upstream {
     closing: CancellationToken,
 }
 
-/// Where an upstream is, and the URI authority its requests carry (built
-/// once per address, not per request; see `connector`).
+/// Where an upstream is, who must own its socket, and the idle
+/// connections to it: a new address is a new `Target` with an empty pool,
+/// so no connection outlives the address or owner it was checked for.
 #[derive(Debug)]
 struct Target {
     addr: SocketAddr,
-    authority: Option<Authority>,
+    owner: Option<u32>,
+    idle: pool::Idle,
 }
 
 impl Target {
     fn new(addr: SocketAddr, owner: Option<u32>) -> Target {
-        Target { addr, authority: connector::upstream_authority(addr, owner).ok() }
+        Target { addr, owner, idle: pool::Idle::default() }
     }
 }
 
@@ -148,10 +148,9 @@ pub struct Proxy {
     /// The source the table is rebuilt from. Writers (deploys, domain
     /// changes) are rare and serialized here; readers never touch it.
     apps: Mutex<HashMap<String, AppRoute>>,
-    /// Pooled keep-alive connections to the upstreams.
-    client: UpstreamClient,
-    /// Never pools: a retry must not land on another stale connection.
-    fresh: UpstreamClient,
+    /// Set once the sweep of idle upstream connections runs (started by
+    /// the first connection served, inside the runtime).
+    sweeping: std::sync::OnceLock<()>,
     /// Peers whose `X-Forwarded-*` are believed (`--trusted-proxy`).
     trusted: ArcSwap<Vec<IpNet>>,
     /// Flipped once when the daemon stops: every connection, on any
@@ -172,23 +171,10 @@ impl Default for Proxy {
 
 impl Proxy {
     pub fn new() -> Proxy {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(Duration::from_secs(5)));
-        let connector = connector::OwnerChecked::new(connector);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            // Shorter than any app server's keep-alive timeout we know of
-            // (uWSGI, gunicorn: 2 s or more), so the pool rarely holds a
-            // connection the app is about to close.
-            .pool_idle_timeout(Duration::from_millis(1500))
-            .build(connector.clone());
-        let fresh = Client::builder(TokioExecutor::new()).pool_max_idle_per_host(0).build(connector);
         Proxy {
             routes: ArcSwap::from_pointee(RouteTable::default()),
             apps: Mutex::new(HashMap::new()),
-            client,
-            fresh,
+            sweeping: std::sync::OnceLock::new(),
             trusted: ArcSwap::from_pointee(Vec::new()),
             closing: watch::channel(false).0,
             closing_now: AtomicBool::new(false),
@@ -318,6 +304,9 @@ impl Proxy {
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
+        self.sweeping.get_or_init(|| {
+            tokio::spawn(sweep_idle(Arc::downgrade(&self)));
+        });
         let mut closing = self.closing.subscribe();
         // upgrade track: once the listener closes (a hand-over, a
         // shutdown), open connections are served CLOSE_LINGER more before
@@ -441,16 +430,22 @@ impl Proxy {
             parts.headers.insert(UPGRADE, u.clone());
         }
         parts.version = Version::HTTP_11;
-        let path_and_query = parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
-        let path = path_and_query.as_str().to_string();
+        // Requests go upstream in origin form (`GET /path HTTP/1.1`): an
+        // HTTP/2 request arrives with an absolute URI.
+        if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
+            let origin_form = parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
+            parts.uri = origin_form.into();
+        }
+        let path = parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_string();
 
-        // Which failures a retry may follow. A request whose connection
-        // could not be made reached no app: any may go to the next
-        // upstream, if its body was not consumed. A request that failed on
-        // a pooled connection (the app closed it while idle: a keep-alive
-        // race) may be sent again on a fresh connection when it is
-        // idempotent and bodiless (RFC 9110 9.2.2): the app may have seen
-        // it, and seeing it twice changes nothing.
+        // Which failures a retry may follow. A connection that could not be
+        // made (refused, timed out, or held by another user) carried no
+        // byte of the request: it goes to the next upstream. A request
+        // that failed on an open connection before an answer (the app
+        // closed it while idle: a keep-alive race) may be sent again on a
+        // fresh connection when it is idempotent and bodiless (RFC 9110
+        // 9.2.2): the app may have seen it, and seeing it twice changes
+        // nothing.
         let replayable = body.is_end_stream();
         let idempotent = replayable && is_idempotent(&parts.method);
         // A request without a body has no rate to hold it to (and no timer
@@ -462,24 +457,48 @@ impl Proxy {
         // Fresh connections tried after a pooled one failed: two, as an
         // app under heavy load may drop the first fresh one as well.
         let mut fresh_tries = 0u8;
+        // The request head, kept only while a retry may still need it: a
+        // request that cannot be retried sends the original.
+        let mut head = Some(parts);
         loop {
-            let upstream = backend.upstreams[(start + attempt) % n].clone();
-            let target = upstream.target.load();
+            let upstream = &backend.upstreams[(start + attempt) % n];
+            let target = upstream.target.load_full();
             let upstream_addr = target.addr;
-            let uri = match target.authority.as_ref().map(|a| connector::upstream_uri(a, &path_and_query)) {
-                Some(Ok(u)) => u,
-                _ => return page(StatusCode::BAD_REQUEST, "bad request", "Unparseable request path."),
-            };
-            drop(target);
-            let mut req = Request::from_parts(parts.clone(), body.take().unwrap_or_else(empty_body));
-            *req.uri_mut() = uri;
+            // Counted from before the connection is made: a drain that
+            // starts meanwhile waits for this request too.
             let guard = InFlight::new(upstream.clone());
+            let conn = if fresh_tries > 0 {
+                pool::connect(&target).await.map(|sender| pool::Conn { sender, reused: false })
+            } else {
+                pool::checkout(&target).await
+            };
+            let mut conn = match conn {
+                Ok(c) => c,
+                Err(e) if attempt + 1 < n => {
+                    tracing::debug!(upstream = %upstream_addr, error = %e, "upstream refused; trying next");
+                    attempt += 1;
+                    continue;
+                }
+                Err(e) => {
+                    // A refused connection is what a restarting app looks
+                    // like; one line per request would flood the log.
+                    tracing::debug!(%host, upstream = %upstream_addr, error = %e, "upstream refused the connection");
+                    return bad_gateway();
+                }
+            };
+            let may_retry = idempotent && fresh_tries < 2;
+            let Some(sending) = (if may_retry { head.clone() } else { head.take() }) else {
+                return bad_gateway();
+            };
+            let method = sending.method.clone();
+            let req = Request::from_parts(sending, body.take().unwrap_or_else(empty_body));
             let sent_at = Instant::now();
-            let sent = if fresh_tries > 0 { self.fresh.request(req).await } else { self.client.request(req).await };
-            match sent {
+            match conn.sender.send_request(req).await {
                 Ok(mut resp) => {
                     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
                         if let Some(client_side) = client_upgrade {
+                            // The connection is the bridge's now: it never
+                            // goes back to the pool.
                             let upstream_side = hyper::upgrade::on(&mut resp);
                             tokio::spawn(bridge(client_side, upstream_side, guard));
                             let (rparts, _) = resp.into_parts();
@@ -489,18 +508,16 @@ impl Proxy {
                     let (mut rparts, rbody) = resp.into_parts();
                     strip_hop_headers(&mut rparts.headers);
                     // The guard lives as long as the response body streams,
-                    // so a draining upstream is not stopped mid-response.
+                    // so a draining upstream is not stopped mid-response;
+                    // the connection goes back to the pool when the body
+                    // has ended.
                     // history track (issue 13 #5): its router line is queued when the body ends.
-                    let tracked = body::Tracked { inner: rbody, guard };
-                    let rbody = access::Logged::new(tracked, parts.method, path, host, rparts.status.as_u16(), upstream_addr, sent_at).boxed();
+                    let tracked = body::Tracked::new(rbody, guard, conn.sender, target);
+                    let rbody = access::Logged::new(tracked, method, path, host, rparts.status.as_u16(), upstream_addr, sent_at).boxed();
                     return Response::from_parts(rparts, rbody);
                 }
-                Err(e) if e.is_connect() && replayable && attempt + 1 < n => {
-                    tracing::debug!(upstream = %upstream_addr, error = %e, "upstream refused; trying next");
-                    attempt += 1;
-                }
-                Err(e) if !e.is_connect() && idempotent && fresh_tries < 2 => {
-                    tracing::debug!(upstream = %upstream_addr, error = %e, "upstream connection failed before answering; retrying on a fresh one");
+                Err(e) if may_retry => {
+                    tracing::debug!(upstream = %upstream_addr, error = %e, reused = conn.reused, "upstream connection failed before answering; retrying on a fresh one");
                     fresh_tries += 1;
                 }
                 Err(e) => {
@@ -511,22 +528,35 @@ impl Proxy {
                             "The request body arrived too slowly.",
                         );
                     }
-                    // A refused connection is what a restarting app looks
-                    // like; one line per request would flood the log.
-                    if e.is_connect() {
-                        tracing::debug!(%host, upstream = %upstream_addr, error = %e, "upstream refused the connection");
-                    } else {
-                        tracing::warn!(%host, upstream = %upstream_addr, error = %e, "upstream request failed");
-                    }
-                    return page(
-                        StatusCode::BAD_GATEWAY,
-                        "bad gateway",
-                        "The app did not answer the request (upstream error).",
-                    );
+                    tracing::warn!(%host, upstream = %upstream_addr, error = %e, "upstream request failed");
+                    return bad_gateway();
                 }
             }
         }
     }
+}
+
+/// Close the upstream connections idle past `pool::IDLE_TIMEOUT`, every
+/// `pool::SWEEP_EVERY`, for as long as the proxy exists. It walks the
+/// route table: an upstream swapped out of it is drained and stopped, and
+/// its connections close with its process (or when it is dropped).
+async fn sweep_idle(proxy: std::sync::Weak<Proxy>) {
+    let mut every = tokio::time::interval(pool::SWEEP_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        let Some(proxy) = proxy.upgrade() else { return };
+        let routes = proxy.routes.load();
+        for route in routes.hosts.values() {
+            for u in &route.backend.upstreams {
+                u.target.load().idle.expire();
+            }
+        }
+    }
+}
+
+fn bad_gateway() -> Response<ProxyBody> {
+    page(StatusCode::BAD_GATEWAY, "bad gateway", "The app did not answer the request (upstream error).")
 }
 
 /// Bridge an upgraded connection both ways until either side closes or
@@ -558,7 +588,7 @@ fn is_idempotent(m: &Method) -> bool {
     matches!(*m, Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE)
 }
 
-fn is_too_slow(e: &hyper_util::client::legacy::Error) -> bool {
+fn is_too_slow(e: &hyper::Error) -> bool {
     let mut source = std::error::Error::source(e);
     while let Some(s) = source {
         if s.is::<body::TooSlow>() {

@@ -6,14 +6,16 @@
 use std::error::Error as StdError;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::client::conn::http1::SendRequest;
 use tokio::time::{Instant, Sleep};
 
-use super::InFlight;
+use super::{InFlight, ProxyBody, Target};
 
 pub type BoxError = Box<dyn StdError + Send + Sync>;
 
@@ -83,10 +85,21 @@ impl Body for MinRate {
     }
 }
 
-/// An upstream's response body, counted in flight until it ends.
+/// An upstream's response body, counted in flight until it ends. Its
+/// connection goes back to the upstream's pool once the body has ended,
+/// not before (it is busy until then); a body dropped before its end (the
+/// client went away) drops the connection too, which closes it.
 pub struct Tracked {
-    pub inner: Incoming,
-    pub guard: InFlight,
+    inner: Incoming,
+    guard: InFlight,
+    conn: Option<(SendRequest<ProxyBody>, Arc<Target>)>,
+    ended: bool,
+}
+
+impl Tracked {
+    pub fn new(inner: Incoming, guard: InFlight, sender: SendRequest<ProxyBody>, target: Arc<Target>) -> Tracked {
+        Tracked { inner, guard, conn: Some((sender, target)), ended: false }
+    }
 }
 
 impl Body for Tracked {
@@ -95,10 +108,16 @@ impl Body for Tracked {
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(frame))) = &polled {
-            if let Some(data) = frame.data_ref() {
-                self.guard.add_bytes(data.len() as u64);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    self.guard.add_bytes(data.len() as u64);
+                }
             }
+            // A chunked body ends here (its length stays unknown to
+            // `is_end_stream`).
+            Poll::Ready(None) => self.ended = true,
+            _ => {}
         }
         polled.map_err(Into::into)
     }
@@ -107,5 +126,17 @@ impl Body for Tracked {
     }
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        // A body of known length is done once it has all its bytes: hyper
+        // stops polling it then, before any end-of-stream frame.
+        if self.ended || self.inner.is_end_stream() {
+            if let Some((sender, target)) = self.conn.take() {
+                target.idle.put(sender);
+            }
+        }
     }
 }

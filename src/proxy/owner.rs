@@ -18,6 +18,9 @@
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::time::Duration;
+
+use tokio::net::TcpStream;
 
 const SOCK_DIAG_BY_FAMILY: u16 = 20;
 const INET_DIAG_NOCOOKIE: u32 = !0;
@@ -149,6 +152,29 @@ pub fn server_end_owner(theirs: SocketAddr, ours: SocketAddr) -> io::Result<Opti
         }
         t => Err(io::Error::new(io::ErrorKind::InvalidData, format!("unexpected netlink answer type {t}"))),
     }
+}
+
+/// Fail unless the server end of `stream` belongs to `uid`.
+pub async fn verify(stream: &TcpStream, uid: u32) -> io::Result<()> {
+    let (theirs, ours) = (stream.peer_addr()?, stream.local_addr()?);
+    // connect() returns on the SYN-ACK; the server end is listed once the
+    // kernel has processed our ACK, which on loopback is at once, or
+    // nearly: look a few times before calling it missing.
+    for attempt in 0..20u32 {
+        match server_end_owner(theirs, ours)? {
+            Some(found) if found == uid => return Ok(()),
+            Some(found) => {
+                tracing::warn!(upstream = %theirs, expected = uid, found, "upstream port is held by another user; refusing to send it the app's traffic");
+                return Err(io::Error::new(
+                    io::ErrorKind::PermissionDenied,
+                    format!("{theirs} is owned by uid {found}, not the app's uid {uid}"),
+                ));
+            }
+            None if attempt < 3 => tokio::task::yield_now().await,
+            None => tokio::time::sleep(Duration::from_millis(1)).await,
+        }
+    }
+    Err(io::Error::new(io::ErrorKind::NotFound, format!("the server end of the connection to {theirs} is not listed")))
 }
 
 const TCP_LISTEN: u32 = 10;
