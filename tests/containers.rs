@@ -345,8 +345,6 @@ fn an_apps_container_cannot_reach_another_apps_container_past_the_proxy() {
     assert!(left.is_empty(), "beta's network outlived it: {left:?}");
 }
 
-/// This test daemon's own name for the base image, so that a test can
-/// move it (`move_test_base`) without touching anyone else's builds.
 /// Tag the imported base as this daemon's test base; returns its name.
 fn test_base(server: &ContainerServer) -> String {
     let tag = test_base_tag(&server_id(&server.data()));

@@ -773,8 +773,9 @@ impl Load {
     }
 }
 
-/// The tag a test gives the imported base for the daemon `server_id`
-/// (tests/containers.rs `test_base`), removed with its daemon's images.
+/// This test daemon's own name for the base image, so that a test can
+/// move it (`move_test_base`) without touching anyone else's builds;
+/// removed with its daemon's images.
 pub fn test_base_tag(server_id: &str) -> String {
     format!("slipway-test/base:{server_id}")
 }
@@ -824,7 +825,7 @@ impl Drop for ContainerServer {
             let Ok(engine) = slipway::container::Engine::connect().await else { return };
             remove_services(&engine, &id).await;
             let _ = engine.remove_containers(std::slice::from_ref(&label)).await;
-            let _ = engine.remove_networks(&[label]).await;
+            let _ = engine.remove_networks(std::slice::from_ref(&label)).await;
             for app in apps {
                 for img in engine.images(&format!("{}={app}", slipway::container::LABEL_APP)).await.unwrap_or_default() {
                     if img.labels.get(slipway::container::LABEL_SERVER) == Some(&id) {
