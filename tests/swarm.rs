@@ -19,7 +19,13 @@ use util::*;
 struct Swarm {
     initialised: bool,
     had_gwbridge: bool,
+    // Held until after `drop` has left the swarm: the engine has one swarm,
+    // and the tests of this file run on parallel threads under a plain
+    // `cargo test`, where one test's `swarm leave` took the others' services.
+    _one_at_a_time: std::sync::MutexGuard<'static, ()>,
 }
+
+static ONE_SWARM_TEST: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn docker(args: &[&str]) -> (bool, String) {
     let out = std::process::Command::new("docker").args(args).output().expect("run docker");
@@ -28,14 +34,16 @@ fn docker(args: &[&str]) -> (bool, String) {
 
 impl Swarm {
     fn join() -> Swarm {
+        // A test that failed while holding the lock still left the swarm in its drop.
+        let guard = ONE_SWARM_TEST.lock().unwrap_or_else(|e| e.into_inner());
         let (_, state) = docker(&["info", "--format", "{{.Swarm.LocalNodeState}}"]);
         if state.trim() == "active" {
-            return Swarm { initialised: false, had_gwbridge: true };
+            return Swarm { initialised: false, had_gwbridge: true, _one_at_a_time: guard };
         }
         let had_gwbridge = docker(&["network", "inspect", "docker_gwbridge"]).0;
         let (ok, out) = docker(&["swarm", "init", "--advertise-addr", "127.0.0.1"]);
         assert!(ok, "docker swarm init: {out}");
-        Swarm { initialised: true, had_gwbridge }
+        Swarm { initialised: true, had_gwbridge, _one_at_a_time: guard }
     }
 }
 
